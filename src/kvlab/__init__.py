@@ -1,0 +1,29 @@
+"""kvlab: build, convert and measure transformer attention whose KV cache is smaller."""
+
+__version__ = "0.1.0"
+
+from kvlab.config import LayerSpec, ModelConfig, RopeConfig  # noqa: E402
+from kvlab.errors import ConfigError, KvlabError, UnsupportedError  # noqa: E402
+
+__all__ = ["ConfigError", "KvlabError", "LayerSpec", "ModelConfig", "RopeConfig", "UnsupportedError",
+           "Model", "Cache", "load", "plan", "__version__"]
+
+
+def __getattr__(name: str):  # lazy imports keep `import kvlab` light (torch loads on first use)
+    if name == "Model":
+        from kvlab.model import Model
+
+        return Model
+    if name == "Cache":
+        from kvlab.cache import Cache
+
+        return Cache
+    if name == "load":
+        from kvlab.checkpoint import load
+
+        return load
+    if name == "plan":
+        from kvlab.planner import plan
+
+        return plan
+    raise AttributeError(f"module 'kvlab' has no attribute {name!r}")

@@ -1,0 +1,112 @@
+"""What every attention module shares: the forward context (positions, masks, rotary tables) and
+grouped-query SDPA.
+
+Time is counted in *steps*: step ``t`` is the ``t``-th token a row has consumed, left padding included.
+A key at step ``s`` is visible to a query at step ``t`` iff ``s <= t`` (causal), ``s >= pad_offset[b]``
+(not padding) and, for windowed layers, ``s > t - window``. The RoPE position of step ``t`` is
+``t - pad_offset[b]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+
+from kvlab.config import RopeConfig
+from kvlab.rope import Rotary
+
+
+@functools.cache
+def _rotary(key: str, head_dim: int) -> Rotary:
+    return Rotary(RopeConfig(**json.loads(key)), head_dim)
+
+
+def get_rotary(rope: RopeConfig, head_dim: int) -> Rotary:
+    """A shared ``Rotary`` per (rope config, head_dim): layers with the same RoPE share tables."""
+    return _rotary(json.dumps(asdict(rope), sort_keys=True), head_dim)
+
+
+class ForwardContext:
+    """Per-forward information shared by all layers; memoizes masks and cos/sin tables."""
+
+    def __init__(self, batch: int, seq_len: int, start: int, pad_offset: torch.Tensor | None,
+                 device: torch.device):
+        self.batch, self.seq_len, self.start, self.device = batch, seq_len, start, device
+        self.pad_offset = pad_offset  # [B] long or None
+        steps = torch.arange(start, start + seq_len, device=device)
+        self.query_steps = steps  # [S]
+        if pad_offset is None:
+            self.positions = steps.unsqueeze(0).expand(batch, seq_len)  # [B, S]
+        else:
+            self.positions = (steps.unsqueeze(0) - pad_offset.unsqueeze(1)).clamp_min(0)
+        self.shared: dict[int, object] = {}  # producer layer index -> what its consumers read
+        self._memo: dict = {}
+
+    def cos_sin(self, rotary: Rotary, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("rope", id(rotary), dtype)
+        if key not in self._memo:
+            self._memo[key] = rotary.cos_sin(self.positions, dtype)
+        return self._memo[key]
+
+    def mask(self, key_steps: torch.Tensor, window: int | None = None, sinks: int = 0,
+             memo_key: object = None) -> torch.Tensor:
+        """Boolean mask ``[B or 1, 1, S, T]`` (True = attend) for keys at ``key_steps [T]``.
+
+        ``window``: a query sees the last ``window`` steps (itself included); ``sinks``: the first
+        ``sinks`` real tokens of each row stay visible. A padded query sees itself, so no row is empty.
+        """
+        key = ("mask", memo_key, window, sinks) if memo_key is not None else None
+        if key is not None and key in self._memo:
+            return self._memo[key]
+        q = self.query_steps[:, None]  # [S, 1]
+        k = key_steps[None, :]  # [1, T]
+        allowed = k <= q
+        if window is not None:
+            in_window = k > q - window
+            if sinks:
+                first_real = 0 if self.pad_offset is None else self.pad_offset[:, None, None]
+                in_window = in_window | (k < first_real + sinks)
+            allowed = allowed & in_window
+        if self.pad_offset is not None:
+            real = k.unsqueeze(0) >= self.pad_offset[:, None, None]  # [B, 1, T]
+            allowed = allowed & (real | (k == q))  # [B, S, T]
+        if allowed.dim() == 2:
+            allowed = allowed.unsqueeze(0)
+        allowed = allowed.unsqueeze(1)  # [B or 1, 1, S, T]
+        if key is not None:
+            self._memo[key] = allowed
+        return allowed
+
+    def needs_mask(self, kv_len: int) -> bool:
+        """False when plain causal SDPA (or no mask at all for one query) is exact: no padding, the keys
+        are exactly steps ``0 .. start + S - 1``, and either no past (causal kernel) or one query."""
+        simple = self.start == 0 or self.seq_len == 1
+        return self.pad_offset is not None or kv_len != self.start + self.seq_len or not simple
+
+
+def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 causal: bool, scale: float | None) -> torch.Tensor:
+    """SDPA for any number of KV heads dividing the query heads, without expanding K/V.
+
+    q ``[B, H, S, D]``, k ``[B, Hkv, T, D]``, v ``[B, Hkv, T, Dv]``, mask ``[B|1, 1, S, T]`` bool or None.
+    Returns ``[B, H, S, Dv]``. With a mask (or one query) the G = H / Hkv query heads of a group are
+    folded into the query axis, ``[B, Hkv, G*S, D]``, so each K/V head is read once (2-3x faster on CPU
+    than ``enable_gqa``); causal full-sequence attention uses the fused causal kernel.
+    """
+    batch, heads, seq, dim = q.shape
+    kv_heads = k.shape[1]
+    if kv_heads == heads:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              is_causal=causal and mask is None and seq > 1)
+    group = heads // kv_heads
+    if causal and mask is None and seq > 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    qg = q.reshape(batch, kv_heads, group * seq, dim)  # head h = kv_head * G + g
+    if mask is not None:
+        mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(mask.shape[0], 1, group * seq, -1)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    return out.view(batch, heads, seq, v.shape[-1])

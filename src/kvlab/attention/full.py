@@ -1,0 +1,100 @@
+"""Full causal attention with any number of KV heads: MHA, GQA, MQA.
+
+Cache: K and V ``[B, n_kv_heads, T, head_dim]`` (keys stored after RoPE), grown by chunks.
+Planner: 2 * B * n_kv_heads * head_dim * T * bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kvlab.attention._common import ForwardContext, get_rotary, grouped_sdpa
+from kvlab.cache.base import CacheLayer, GrowingBuffer, SharedCacheLayer
+from kvlab.config import LayerSpec
+from kvlab.errors import ConfigError
+from kvlab.norms import RMSNorm
+from kvlab.registry import register_module, register_spec
+
+
+@register_spec("full", aliases=("mha", "gqa", "mqa", "attention", "full_attention"))
+@dataclass(kw_only=True)
+class FullSpec(LayerSpec):
+    """Standard softmax attention over every past token."""
+
+    def label(self) -> str:
+        kv = self.n_kv_heads or self.n_heads
+        return "MHA" if kv == self.n_heads else ("MQA" if kv == 1 else f"GQA-{self.n_heads // kv}")
+
+class KVCacheLayer(CacheLayer):
+    """Keys and values of every past token, ``[B, n_kv_heads, T, head_dim]`` each."""
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device=None,
+                 value_dim: int | None = None):
+        super().__init__()
+        self.buffers["k"] = GrowingBuffer((batch, kv_heads, 0, head_dim), 2, dtype, device)
+        self.buffers["v"] = GrowingBuffer((batch, kv_heads, 0, value_dim or head_dim), 2, dtype, device)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new ``k, v [B, Hkv, S, D]``; return views of all keys and values held."""
+        self.length += k.shape[2]
+        return self.buffers["k"].append(k), self.buffers["v"].append(v)
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.buffers["k"].view(), self.buffers["v"].view()
+
+@register_module("full")
+class FullAttention(nn.Module):
+    """q/k/v projections (optional bias, optional per-head q/k RMSNorm), RoPE, grouped SDPA, o_proj.
+    A layer with ``kv_from`` has no k/v projections: it reads the producer's keys and values."""
+
+    def __init__(self, spec: FullSpec, cfg, layer_idx: int):
+        super().__init__()
+        if spec.kv_quant:
+            raise ConfigError(f"layers[{layer_idx}].kv_quant: quantized caches are not available yet")
+        self.spec, self.layer_idx = spec, layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        self.owns_kv = spec.kv_from is None
+        d, h, hd = cfg.d_model, spec.n_heads, spec.head_dim
+        self.q_proj = nn.Linear(d, h * hd, bias=spec.qkv_bias)
+        if self.owns_kv:
+            self.k_proj = nn.Linear(d, spec.n_kv_heads * hd, bias=spec.qkv_bias)
+            self.v_proj = nn.Linear(d, spec.n_kv_heads * hd, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(h * hd, d, bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps)
+            if self.owns_kv:
+                self.k_norm = RMSNorm(hd, cfg.norm_eps)
+        self.rotary = get_rotary(spec.rope, hd)
+        self.scale = spec.softmax_scale
+
+    def new_cache_layer(self, batch: int, dtype: torch.dtype, device, built: list[CacheLayer]) -> CacheLayer:
+        if not self.owns_kv:
+            return SharedCacheLayer(built[self.spec.kv_from])
+        return KVCacheLayer(batch, self.n_kv_heads, self.head_dim, dtype, device)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, cache: CacheLayer | None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
+        if self.spec.qk_norm:
+            q = self.q_norm(q)
+        cos, sin = ctx.cos_sin(self.rotary, q.dtype)
+        q = self.rotary.apply(q, cos, sin)
+        if self.owns_kv:
+            k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B,Hkv,S,D]
+            v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            if self.spec.qk_norm:
+                k = self.k_norm(k)
+            k = self.rotary.apply(k, cos, sin)
+            if cache is not None:
+                k, v = cache.append(k, v)  # views of all T keys/values
+            ctx.shared[self.layer_idx] = (k, v)
+        else:
+            k, v = ctx.shared[self.spec.kv_from]
+        kv_len = k.shape[2]
+        mask = ctx.mask(torch.arange(kv_len, device=x.device), memo_key=("full", kv_len)) \
+            if ctx.needs_mask(kv_len) else None
+        out = grouped_sdpa(q, k, v, mask, causal=True, scale=self.scale)  # [B, H, S, D]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))

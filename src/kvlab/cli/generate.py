@@ -1,0 +1,58 @@
+"""``kvlab generate``: sample from a kvlab or Hugging Face checkpoint."""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_parser(sub):
+    p = sub.add_parser("generate", help="generate text from a checkpoint")
+    p.add_argument("checkpoint", help="kvlab or Hugging Face checkpoint folder")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--ids", action="append", help="prompt as comma-separated token ids (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", type=int, action="append", default=[], help="stop token id (repeatable)")
+    return p
+
+
+def run(args) -> int:
+    import kvlab
+    from kvlab.errors import KvlabError
+    from kvlab.tokenizer import load_tokenizer
+
+    model = kvlab.load(args.checkpoint).eval()
+    tokenizer = load_tokenizer(args.checkpoint, model.config.vocab_size)
+    if args.ids:
+        try:
+            prompts = [[int(t) for t in ids.split(",")] for ids in args.ids]
+        except ValueError:
+            raise KvlabError("--ids: expected comma-separated integers") from None
+    elif args.prompt:
+        prompts = [tokenizer.encode(p) for p in args.prompt]
+    else:
+        raise KvlabError("give --prompt TEXT or --ids 1,2,3")
+    for ids in prompts:
+        if not ids or max(ids) >= model.config.vocab_size or min(ids) < 0:
+            raise KvlabError(f"prompt token ids must be in [0, {model.config.vocab_size})")
+    stream = None
+    if len(prompts) == 1:
+        def stream(tokens):
+            if tokens[0] is not None:
+                sys.stdout.write(tokenizer.decode([tokens[0]]))
+                sys.stdout.flush()
+    result = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=args.stop,
+                            stream=stream)
+    if stream is None:
+        for prompt, new in zip(prompts, result.tokens):
+            print(repr(tokenizer.decode(prompt) + tokenizer.decode(new)))
+    else:
+        print()
+    s = result.stats
+    print(f"[prefill {s.prompt_tokens} tokens in {s.prefill_seconds:.3f}s, decode {s.decode_tokens_per_s:.1f} "
+          f"tok/s, peak cache {s.peak_cache_bytes:,} B]", file=sys.stderr)
+    return 0

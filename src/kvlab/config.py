@@ -1,0 +1,301 @@
+"""Model configuration: global sizes plus one ``LayerSpec`` per layer.
+
+A ``LayerSpec`` names its attention technique (``type``); the technique's registered spec class holds
+its parameters. Configs round-trip through JSON (and YAML) and are validated on construction, with
+messages that name the offending field (``layers[3].n_kv_heads: ...``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+from kvlab.errors import ConfigError
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "float64": 8}
+
+
+def canonical_dtype(name: str, field_name: str = "dtype") -> str:
+    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+    name = aliases.get(name, name)
+    if name not in DTYPE_BYTES:
+        raise ConfigError(f"{field_name}: unknown dtype {name!r} (use float32, bfloat16 or float16)")
+    return name
+
+
+def _check_positive(owner: str, **values: Any) -> None:
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{owner}{name}: must be a positive number, got {value!r}")
+
+
+def _build_dataclass(cls: type, data: dict, where: str):
+    """Construct ``cls`` from ``data``, rejecting unknown keys with a message naming them."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected an object, got {type(data).__name__}")
+    names = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}{unknown[0]}: unknown field for {cls.__name__}")
+    try:
+        return cls(**data)
+    except TypeError as exc:  # missing required field
+        raise ConfigError(f"{where.rstrip('.') or cls.__name__}: {exc}") from None
+
+
+@dataclass
+class RopeConfig:
+    """Rotary position embedding. ``scaling`` follows Hugging Face's ``rope_scaling`` dict
+    (``{"type": "linear" | "llama3" | "yarn" | ..., "factor": ...}``)."""
+
+    theta: float = 10000.0
+    partial: float = 1.0  # fraction of head_dim that is rotated
+    interleaved: bool = False  # pairs (0,1),(2,3)... instead of rotate-half (0,d/2),(1,d/2+1)...
+    scaling: dict | None = None
+    max_position: int | None = None  # the model's max_position_embeddings (YaRN needs it)
+
+    def __post_init__(self) -> None:
+        _check_positive("rope.", theta=self.theta)
+        if not 0.0 < self.partial <= 1.0:
+            raise ConfigError(f"rope.partial: must be in (0, 1], got {self.partial}")
+
+    @classmethod
+    def from_dict(cls, data: dict | None, where: str = "rope.") -> RopeConfig | None:
+        return None if data is None else _build_dataclass(cls, data, where)
+
+
+@dataclass(kw_only=True)
+class LayerSpec:
+    """What one layer's attention is. Subclassed by each technique (see ``kvlab.registry``).
+
+    Fields common to every technique live here so that techniques compose: ``kv_from`` (reuse
+    another layer's cache), ``kv_quant`` (quantized cache storage), a per-layer ``rope`` and
+    ``mlp_hidden`` override.
+    """
+
+    type: ClassVar[str] = "base"
+    n_heads: int
+    n_kv_heads: int | None = None  # None -> n_heads (MHA)
+    head_dim: int | None = None  # None -> d_model // n_heads
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    softmax_scale: float | None = None  # None -> head_dim ** -0.5
+    rope: RopeConfig | None = None  # None -> the model's rope
+    kv_from: int | None = None  # index of an earlier layer whose cache this layer reads
+    kv_quant: str | None = None  # None | "int8" | "int4"
+    kv_quant_group: int = 32
+    kv_quant_residual: int = 32  # most recent tokens kept in full precision
+    mlp_hidden: int | None = None  # None -> the model's mlp_hidden
+
+    def validate(self, where: str) -> None:
+        """Check the spec; ``where`` prefixes messages (``layers[i].``). Subclasses extend."""
+        _check_positive(where, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
+                        mlp_hidden=self.mlp_hidden, kv_quant_group=self.kv_quant_group)
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"{where}n_kv_heads: n_heads ({self.n_heads}) is not divisible by "
+                              f"n_kv_heads ({self.n_kv_heads})")
+        if self.kv_quant not in (None, "int8", "int4"):
+            raise ConfigError(f"{where}kv_quant: must be null, 'int8' or 'int4', got {self.kv_quant!r}")
+        if self.kv_quant_residual < 0:
+            raise ConfigError(f"{where}kv_quant_residual: must be >= 0, got {self.kv_quant_residual}")
+
+    def resolved(self, cfg: ModelConfig) -> LayerSpec:
+        """A copy with the defaults that depend on the model filled in."""
+        head_dim = self.head_dim if self.head_dim is not None else cfg.d_model // self.n_heads
+        return dataclasses.replace(self, n_kv_heads=self.n_kv_heads or self.n_heads, head_dim=head_dim,
+                                   rope=self.rope or cfg.rope, mlp_hidden=self.mlp_hidden or cfg.mlp_hidden)
+
+    # ---- planner rule (called on a resolved spec); techniques override what differs -------
+    def cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
+        """Exact bytes this layer's cache holds after ``tokens`` steps (what ``nbytes`` measures)."""
+        if self.kv_from is not None:
+            return 0
+        return 2 * batch * self.n_kv_heads * self.head_dim * tokens * elem_bytes
+
+    def mha_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
+        """What plain MHA with this layer's query heads would cache: the baseline of every saving."""
+        return 2 * batch * self.n_heads * self.head_dim * tokens * elem_bytes
+
+    def attended_pairs(self, seq_len: int) -> int:
+        """(query, key) pairs a causal forward over ``seq_len`` tokens computes scores for."""
+        return seq_len * (seq_len + 1) // 2
+
+    def decode_flops(self, context: int) -> int:
+        """Attention-core FLOPs (QK^T and AV, 2 per multiply-add) of the token that brings the
+        context to ``context`` tokens."""
+        return 4 * self.n_heads * self.head_dim * (self.attended_pairs(context) - self.attended_pairs(context - 1))
+
+    def prefill_flops(self, seq_len: int) -> int:
+        """Attention-core FLOPs of a causal forward over ``seq_len`` tokens."""
+        return 4 * self.n_heads * self.head_dim * self.attended_pairs(seq_len)
+
+    def label(self) -> str:
+        return self.type
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // (self.n_kv_heads or self.n_heads)
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"type": self.type}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value != f.default or f.default is dataclasses.MISSING:
+                out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return out
+
+    @staticmethod
+    def from_dict(data: dict, where: str = "") -> LayerSpec:
+        from kvlab.registry import get_technique
+
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where.rstrip('.')}: expected an object, got {type(data).__name__}")
+        data = dict(data)
+        name = data.pop("type", None)
+        if name is None:
+            raise ConfigError(f"{where}type: missing (the attention technique, e.g. 'full')")
+        cls = get_technique(name, where=f"{where}type").spec_cls
+        if "rope" in data:
+            data["rope"] = RopeConfig.from_dict(data["rope"], f"{where}rope.")
+        return _build_dataclass(cls, data, where)
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer: global sizes plus a per-layer list of attention specs."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    layers: list[LayerSpec]
+    mlp_hidden: int
+    mlp_act: str = "silu"  # gated MLP activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+    max_seq_len: int = 4096
+    name: str = "kvlab"
+    extras: dict = field(default_factory=dict)  # model-family features (e.g. embedding scale); see model.py
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope, dict):
+            self.rope = RopeConfig.from_dict(self.rope)
+        self.layers = [LayerSpec.from_dict(s, f"layers[{i}].") if isinstance(s, dict) else s
+                       for i, s in enumerate(self.layers)]
+        self.validate()
+
+    # ---- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        _check_positive("", vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
+                        mlp_hidden=self.mlp_hidden, norm_eps=self.norm_eps, max_seq_len=self.max_seq_len)
+        for name in ("vocab_size", "d_model", "n_layers", "mlp_hidden", "max_seq_len"):
+            if not isinstance(getattr(self, name), int):
+                raise ConfigError(f"{name}: must be an integer, got {getattr(self, name)!r}")
+        if self.mlp_act not in ("silu", "gelu_tanh", "gelu"):
+            raise ConfigError(f"mlp_act: must be 'silu', 'gelu' or 'gelu_tanh', got {self.mlp_act!r}")
+        self.dtype = canonical_dtype(self.dtype)
+        if not isinstance(self.layers, list) or len(self.layers) != self.n_layers:
+            count = len(self.layers) if isinstance(self.layers, list) else type(self.layers).__name__
+            raise ConfigError(f"layers: has {count} entries but n_layers is {self.n_layers}")
+        for i, spec in enumerate(self.layers):
+            where = f"layers[{i}]."
+            spec.validate(where)
+            if spec.head_dim is None and self.d_model % spec.n_heads:
+                raise ConfigError(f"{where}head_dim: not given and d_model ({self.d_model}) is not "
+                                  f"divisible by n_heads ({spec.n_heads})")
+            if spec.kv_from is not None:
+                self._validate_kv_from(i, spec)
+
+    def _validate_kv_from(self, i: int, spec: LayerSpec) -> None:
+        where = f"layers[{i}].kv_from"
+        src = spec.kv_from
+        if not isinstance(src, int) or not 0 <= src < i:
+            raise ConfigError(f"{where}: must name an earlier layer (0..{i - 1}), got {src!r}")
+        producer = self.layers[src]
+        if producer.kv_from is not None:
+            raise ConfigError(f"{where}: layer {src} itself reuses layer {producer.kv_from}; "
+                              f"point at the producer ({producer.kv_from})")
+        if producer.type != spec.type and not getattr(spec, "accepts_kv_from", lambda p: False)(producer):
+            raise ConfigError(f"{where}: layer {src} is '{producer.type}' but this layer is '{spec.type}'")
+        mine, theirs = spec.resolved(self), producer.resolved(self)
+        if (mine.n_kv_heads, mine.head_dim) != (theirs.n_kv_heads, theirs.head_dim):
+            raise ConfigError(f"{where}: layer {src} has {theirs.n_kv_heads} KV heads of dim "
+                              f"{theirs.head_dim}, this layer expects {mine.n_kv_heads} of dim {mine.head_dim}")
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def layer(self, i: int) -> LayerSpec:
+        """Layer ``i``'s spec with model defaults filled in."""
+        return self.layers[i].resolved(self)
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    # ---- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["rope"] = dataclasses.asdict(self.rope)
+        out["layers"] = [s.to_dict() for s in self.layers]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: expected an object, got {type(data).__name__}")
+        data = dict(data)
+        data.pop("kvlab_version", None)
+        layers = data.get("layers")
+        if isinstance(layers, dict) and "repeat" in layers:  # {"repeat": spec} shorthand
+            data["layers"] = [dict(layers["repeat"]) for _ in range(int(data.get("n_layers", 0)))]
+        elif isinstance(layers, dict) and "pattern" in layers:  # {"pattern": [spec, ...]} cycled
+            pattern = layers["pattern"]
+            data["layers"] = [dict(pattern[i % len(pattern)]) for i in range(int(data.get("n_layers", 0)))]
+        return _build_dataclass(cls, data, "")
+
+    def to_json(self) -> str:
+        from kvlab import __version__
+
+        return json.dumps({"kvlab_version": __version__, **self.to_dict()}, indent=2)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            path.write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(read_config_file(path))
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Parse a JSON or YAML file into a dict, with one-line errors for missing or malformed files."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file")
+    text = path.read_text(errors="replace")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (json.JSONDecodeError, ValueError) as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({first})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return data

@@ -1,0 +1,130 @@
+"""Autoregressive generation over kvlab's cache: prefill once, then one token per step.
+
+The decode loop does no per-step allocation of the cache (it is reserved for prompt + new tokens up
+front) and no copy of past K/V; sampling is greedy, or temperature / top-k / top-p with a seed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kvlab.errors import KvlabError
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    peak_cache_bytes: int
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Decoded tokens per second per sequence (steps after the first token / decode time)."""
+        steps = max(self.new_tokens - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens of each row, stop token included, nothing after it
+    sequences: torch.Tensor  # [B, prompt + new] as fed to the model (left padding included)
+    stats: GenerationStats
+    finished: list[bool] = field(default_factory=list)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Lists of token ids of different lengths -> ``input_ids [B, L]`` and a 0/1 mask (None if equal)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise KvlabError("generate: every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[row, longest - len(prompt):] = 1
+    return ids, (None if bool(mask.all()) else mask)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits ``[B, V]`` -> next token ids ``[B]``."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, input_ids, max_new_tokens: int = 32, *, attention_mask: torch.Tensor | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, stop_tokens: Sequence[int] = (), pad_id: int = 0,
+             stream: Callable[[list[int | None]], None] | None = None,
+             cache_dtype: torch.dtype | None = None) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` per row.
+
+    ``input_ids``: a ``[B, L]`` tensor (with an optional left-padding ``attention_mask``) or a list of
+    token-id lists of any lengths (left-padded here). ``stream`` is called after every step with the
+    new token of each row (None for rows already stopped). Rows stop at any of ``stop_tokens``.
+    """
+    if max_new_tokens < 0:
+        raise KvlabError("max_new_tokens: must be >= 0")
+    if not isinstance(input_ids, torch.Tensor):
+        input_ids, attention_mask = left_pad(input_ids, pad_id)
+    input_ids = input_ids.to(model.device)
+    batch, prompt_len = input_ids.shape
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    cache = model.new_cache(batch, max_length=prompt_len + max_new_tokens, dtype=cache_dtype)
+    stops = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=model.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
+    out: list[torch.Tensor] = []
+
+    t0 = time.perf_counter()
+    logits = model(input_ids, cache=cache, attention_mask=attention_mask)[:, -1]
+    prefill_seconds = time.perf_counter() - t0
+    peak = cache.nbytes
+    t1 = time.perf_counter()
+    for step in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        out.append(token)
+        if stream is not None:
+            stream([None if f else int(t) for t, f in zip(token.tolist(), finished.tolist())])
+        if len(stops):
+            finished |= torch.isin(token, stops)
+            if bool(finished.all()):
+                break
+        if step + 1 == max_new_tokens:
+            break
+        logits = model(token[:, None], cache=cache)[:, -1]
+    peak = max(peak, cache.nbytes)
+    decode_seconds = time.perf_counter() - t1 if out else 0.0
+
+    new = torch.stack(out, dim=1) if out else input_ids.new_zeros((batch, 0))
+    tokens = []
+    for row in new.tolist():
+        kept = []
+        for t in row:
+            kept.append(t)
+            if t in stop_tokens:
+                break
+        tokens.append(kept)
+    stats = GenerationStats(prompt_len, new.shape[1], prefill_seconds, decode_seconds, peak)
+    return GenerationResult(tokens, torch.cat([input_ids, new], dim=1), stats, finished.tolist())

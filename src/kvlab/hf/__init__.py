@@ -1,0 +1,154 @@
+"""Hugging Face interop: one file per model family (``hf/<family>.py``), each registering
+``model_type`` names with ``@register_family``. A family turns an HF ``config.json`` dict into a kvlab
+``ModelConfig`` (used by both the loader and the planner) and, when kvlab can run it, maps the
+checkpoint's tensor names onto kvlab's.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvlab.config import ModelConfig
+from kvlab.errors import ConfigError, KvlabError, UnsupportedError
+
+
+@dataclass
+class Family:
+    model_types: tuple[str, ...]
+    to_config: Callable[[dict], ModelConfig]
+    # HF state dict -> kvlab state dict (same tensors, kvlab names). None: plannable, not loadable.
+    convert_state: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]] | None = None
+
+
+_FAMILIES: dict[str, Family] = {}
+_loaded = False
+
+
+def register_family(*model_types: str, convert_state=None):
+    """Decorator for a ``to_config(hf_dict) -> ModelConfig`` function."""
+
+    def wrap(fn):
+        family = Family(model_types, fn, convert_state)
+        for name in model_types:
+            _FAMILIES[name] = family
+        return fn
+
+    return wrap
+
+
+def get_family(hf: dict, where: str = "config.json") -> Family:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        import kvlab.hf as pkg
+
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"kvlab.hf.{info.name}")
+    model_type = hf.get("model_type")
+    if model_type is None:
+        raise ConfigError(f"{where}: no 'model_type' field; not a Hugging Face config")
+    if isinstance(hf.get("text_config"), dict) and model_type not in _FAMILIES:
+        return get_family(hf["text_config"], where)
+    if model_type not in _FAMILIES:
+        known = ", ".join(sorted(_FAMILIES))
+        raise UnsupportedError(f"{where}: model family '{model_type}' is not supported (supported: {known})")
+    return _FAMILIES[model_type]
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    """kvlab config of an HF config dict; field errors name the HF field."""
+    family = get_family(hf, where)
+    try:
+        return family.to_config(hf)
+    except KeyError as exc:
+        raise ConfigError(f"{where}: missing field {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, KvlabError):
+            raise
+        raise ConfigError(f"{where}: invalid value ({exc})") from None
+
+
+def hf_get(hf: dict, *names, default=None):
+    """First present, non-null field among ``names``."""
+    for name in names:
+        if hf.get(name) is not None:
+            return hf[name]
+    return default
+
+
+def hf_rope(hf: dict):
+    """RopeConfig from ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling``."""
+    from kvlab.config import RopeConfig
+
+    params = dict(hf.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+    partial = params.pop("partial_rotary_factor", None) or hf.get("partial_rotary_factor", 1.0)
+    scaling = params or hf.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
+    return RopeConfig(theta=float(theta), partial=float(partial), scaling=scaling,
+                      max_position=hf.get("max_position_embeddings"))
+
+
+def hf_dtype(hf: dict) -> str:
+    return "float32"  # kvlab computes in fp32 on CPU; pass dtype= to load in another
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [f.name for f in sorted(path.glob("*.safetensors"))]
+    if not files:
+        raise KvlabError(f"{path}: no .safetensors weights found")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            state.update(load_file(str(path / name)))
+        except Exception as exc:  # truncated or corrupt file
+            raise KvlabError(f"{path / name}: cannot read safetensors ({str(exc).splitlines()[0]})") from None
+    return state
+
+
+def load_hf(path: str | Path, hf: dict, dtype: str | None = None):
+    """A kvlab ``Model`` holding the weights of the HF checkpoint folder ``path``."""
+    from kvlab.model import TORCH_DTYPES, Model
+
+    path = Path(path)
+    family = get_family(hf, str(path / "config.json"))
+    config = config_from_hf(hf, str(path / "config.json"))
+    if dtype:
+        config.dtype = dtype
+        config.validate()
+    if family.convert_state is None:
+        raise UnsupportedError(f"{path}: model family '{hf['model_type']}' can be planned but not loaded yet")
+    state = family.convert_state(read_safetensors(path), config)
+    with torch.device("meta"):
+        model = Model(config)
+    expected = model.state_dict()
+    if config.tie_embeddings:
+        state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KvlabError(f"{path}: weights do not match the config (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise KvlabError(f"{path}: {name} has shape {tuple(tensor.shape)}, config implies "
+                             f"{tuple(expected[name].shape)}")
+    model.load_state_dict(state, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.to(TORCH_DTYPES[config.dtype])

@@ -1,0 +1,166 @@
+"""The decoder: embeddings, a stack of pre-norm blocks whose attention is chosen per layer from the
+technique registry, a final norm and the LM head. One model class serves every technique."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kvlab.attention._common import ForwardContext
+from kvlab.cache import Cache
+from kvlab.config import ModelConfig
+from kvlab.errors import KvlabError, UnsupportedError
+from kvlab.mlp import GatedMLP
+from kvlab.norms import RMSNorm
+from kvlab.registry import get_technique
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "float64": torch.float64}
+
+
+def build_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    spec = cfg.layer(layer_idx)
+    technique = get_technique(spec.type)
+    if technique.module_cls is None:
+        raise UnsupportedError(f"layers[{layer_idx}]: technique '{spec.type}' can be planned but not run yet")
+    return technique.module_cls(spec, cfg, layer_idx)
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x)). Parameter names follow Hugging Face's Llama."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        spec = cfg.layer(layer_idx)
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = build_attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = GatedMLP(cfg.d_model, spec.mlp_hidden, cfg.mlp_act)
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext, cache_layer) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), ctx, cache_layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def pad_offsets(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Leading zeros per row of a 0/1 mask ``[B, S]``; None when no row is left-padded. Interior zeros
+    are refused (only left and right padding are meaningful for a causal decoder)."""
+    mask = attention_mask.to(torch.bool)
+    offsets = (~mask).int().cumprod(dim=1).sum(dim=1).long()  # leading zeros
+    seq = mask.shape[1]
+    steps = torch.arange(seq, device=mask.device)
+    real_after = (steps[None, :] >= offsets[:, None])
+    # after the first real token, zeros may only form a right-padded tail
+    trailing = mask.flip(1).logical_not().int().cumprod(1).flip(1).bool()
+    if bool((real_after & ~mask & ~trailing).any()):
+        raise KvlabError("attention_mask: zeros inside a row; only left or right padding is supported")
+    return offsets if bool(offsets.any()) else None
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.to(TORCH_DTYPES[config.dtype])
+
+    # ---- construction ------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers)."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = residual_std if name.endswith(("o_proj", "down_proj")) else 0.02
+                nn.init.normal_(module.weight, 0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        seen = {id(p): p for p in self.parameters()}
+        total = sum(p.numel() for p in seen.values())
+        return total - self.embed_tokens.weight.numel() if exclude_embeddings else total
+
+    def new_cache(self, batch_size: int = 1, max_length: int | None = None,
+                  dtype: torch.dtype | None = None) -> Cache:
+        """An empty cache for ``batch_size`` rows; ``max_length`` preallocates room for that many tokens."""
+        built: list = []
+        for block in self.layers:
+            built.append(block.self_attn.new_cache_layer(batch_size, dtype or self.dtype, self.device, built))
+        cache = Cache(built, batch_size)
+        if max_length:
+            cache.reserve(max_length)
+        return cache
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None,
+                attention_mask: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """Logits ``[B, S, vocab]`` of ``input_ids [B, S]``. With ``cache``, the tokens continue what the
+        cache holds and the cache is extended in place. ``attention_mask`` (1 = token, 0 = padding) may
+        cover the new tokens or everything so far; padding must be on the left for cached decoding."""
+        batch, seq = input_ids.shape
+        start = cache.step if cache is not None else 0
+        pad = self._pad_offset(attention_mask, cache, batch, seq)
+        ctx = ForwardContext(batch, seq, start, pad, input_ids.device)
+        h = self.embed(input_ids)
+        for i, block in enumerate(self.layers):
+            h = block(h, ctx, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.step += seq
+        h = self.norm(h)
+        return h if return_hidden else self.lm_head(h)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def _pad_offset(self, attention_mask, cache: Cache | None, batch: int, seq: int) -> torch.Tensor | None:
+        if cache is not None and cache.batch_size != batch:
+            raise KvlabError(f"cache: built for batch {cache.batch_size}, got input batch {batch}")
+        if attention_mask is None:
+            return cache.pad_offset if cache is not None else None
+        if attention_mask.shape[0] != batch:
+            raise KvlabError(f"attention_mask: batch {attention_mask.shape[0]} != input batch {batch}")
+        start = cache.step if cache is not None else 0
+        if attention_mask.shape[1] == start + seq and start:
+            attention_mask = attention_mask[:, start:]
+        elif attention_mask.shape[1] != seq:
+            raise KvlabError(f"attention_mask: length {attention_mask.shape[1]} fits neither the new tokens "
+                             f"({seq}) nor all tokens ({start + seq})")
+        if start == 0:
+            pad = pad_offsets(attention_mask)
+            if cache is not None:
+                cache.pad_offset = pad
+            return pad
+        if not bool(attention_mask.bool().all()):
+            raise KvlabError("attention_mask: padding after the first forward is not supported; left-pad prompts")
+        return cache.pad_offset
+
+    # ---- generation and persistence -----------------------------------------------------------
+    def generate(self, input_ids, max_new_tokens: int = 32, **kwargs):
+        """See ``kvlab.generate.generate``."""
+        from kvlab.generate import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write ``config.json`` and ``model.safetensors`` to the folder ``path``."""
+        from kvlab.checkpoint import save_model
+
+        save_model(self, path, overwrite=overwrite)

@@ -1,0 +1,24 @@
+"""Normalisation layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32. ``unit_offset``: weight stored as w - 1 (Gemma); ``scale=False``:
+    no learned weight (Gemma 4's value norm, DeepSeek V4's per-head query norm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, scale: bool = True, unit_offset: bool = False):
+        super().__init__()
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim)) if scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            x = x * (1.0 + self.weight.float() if self.unit_offset else self.weight.float())
+        return x.to(dtype)

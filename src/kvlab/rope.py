@@ -1,0 +1,130 @@
+"""Rotary position embeddings: frequencies for each scaling variant, and their application.
+
+Keys are cached *after* rotation, so a cache never needs positions to re-rotate; the positions of
+new tokens come from the forward context (``step - left padding``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvlab.config import RopeConfig
+from kvlab.errors import ConfigError
+
+
+def rope_frequencies(rope: RopeConfig, rot_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies ``[rot_dim // 2]`` (fp32) and the attention factor that scales cos/sin."""
+    base = torch.arange(0, rot_dim, 2, dtype=torch.int64, device="cpu").float() / rot_dim
+    inv_freq = 1.0 / (rope.theta ** base)
+    scaling = dict(rope.scaling or {})
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"]), 1.0
+    if kind == "llama3":
+        return _llama3(inv_freq, scaling), 1.0
+    if kind == "yarn":
+        return _yarn(rope, rot_dim, scaling)
+    if kind == "proportional":  # Gemma 4: frequencies over the full head dim, only a prefix rotates
+        return _proportional(rope, rot_dim, scaling)
+    raise ConfigError(f"rope.scaling.type: unsupported RoPE scaling {kind!r} "
+                      "(supported: default, linear, llama3, yarn, proportional)")
+
+
+def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_len = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(rope: RopeConfig, dim: int, s: dict) -> tuple[torch.Tensor, float]:
+    factor = float(s["factor"])
+    original = s.get("original_max_position_embeddings") or rope.max_position
+    if original is None:
+        raise ConfigError("rope.scaling.original_max_position_embeddings: required for yarn")
+    if s.get("original_max_position_embeddings") and rope.max_position:
+        factor = rope.max_position / s["original_max_position_embeddings"]
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all = s.get("mscale"), s.get("mscale_all_dim")
+        if mscale and mscale_all:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+        else:
+            attention_factor = _yarn_mscale(factor)
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    keep = 1 - ramp  # 1: keep the original (extrapolated) frequency
+    return interpolation * (1 - keep) + extrapolation * keep, float(attention_factor)
+
+
+def _proportional(rope: RopeConfig, rot_dim: int, s: dict) -> tuple[torch.Tensor, float]:
+    head_dim = int(s.get("head_dim", rot_dim))
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, device="cpu").float() / head_dim))
+    return inv_freq[: rot_dim // 2] / float(s.get("factor", 1.0)), 1.0
+
+
+class Rotary:
+    """cos/sin tables for one (RopeConfig, head_dim), grown on demand, and their application."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int):
+        self.rot_dim = int(head_dim * rope.partial) // 2 * 2
+        self.interleaved = rope.interleaved
+        self.inv_freq, self.attention_factor = rope_frequencies(rope, self.rot_dim)
+        self._cos = self._sin = torch.empty(0, self.rot_dim, device="cpu")
+
+    def _grow(self, length: int) -> None:
+        length = max(length, 2 * self._cos.shape[0], 256)
+        positions = torch.arange(length, dtype=torch.float32, device="cpu")
+        freqs = positions[:, None] * self.inv_freq[None, :]  # [T, rot/2]
+        if self.interleaved:
+            emb = freqs.repeat_interleave(2, dim=-1)
+        else:
+            emb = torch.cat([freqs, freqs], dim=-1)  # [T, rot]
+        self._cos, self._sin = emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions ``[B, S]`` -> cos, sin ``[B, 1, S, rot_dim]`` (broadcast over heads)."""
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed > self._cos.shape[0]:
+            self._grow(needed)
+        if self._cos.device != positions.device:
+            self._cos, self._sin = self._cos.to(positions.device), self._sin.to(positions.device)
+        return (self._cos[positions].unsqueeze(1).to(dtype), self._sin[positions].unsqueeze(1).to(dtype))
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate the first ``rot_dim`` channels of ``x [B, H, S, D]``."""
+        if self.rot_dim == x.shape[-1]:
+            return x * cos + self._rotate(x) * sin
+        rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim:]
+        return torch.cat([rot * cos + self._rotate(rot) * sin, rest], dim=-1)
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        if self.interleaved:
+            pairs = x.unflatten(-1, (-1, 2))  # [..., D/2, 2]
+            return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+        half = x.shape[-1] // 2
+        return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
