@@ -40,9 +40,21 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = GatedMLP(cfg.d_model, spec.mlp_hidden, cfg.mlp_act)
 
+    def attention_branch(self, x: torch.Tensor, ctx: ForwardContext, cache_layer) -> torch.Tensor:
+        return self.self_attn(self.input_layernorm(x), ctx, cache_layer)
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(x))
+
     def forward(self, h: torch.Tensor, ctx: ForwardContext, cache_layer) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), ctx, cache_layer)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        """``h [B, S, d]`` -> same. Residual connections are plain sums here; a residual-stream option
+        (e.g. hyper-connections) replaces ``residual``."""
+        h = self.residual(h, lambda x: self.attention_branch(x, ctx, cache_layer))
+        return self.residual(h, self.mlp_branch)
+
+    @staticmethod
+    def residual(h: torch.Tensor, branch) -> torch.Tensor:
+        return h + branch(h)
 
 
 def pad_offsets(attention_mask: torch.Tensor) -> torch.Tensor | None:
