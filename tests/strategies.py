@@ -14,10 +14,22 @@ def full_layer(draw, n_heads=None):
             "head_dim": draw(st.sampled_from([8, 16])), "qk_norm": draw(st.booleans())}
 
 
+@st.composite
+def cca_layer(draw):
+    """ZAYA1 compressed convolutional attention: random head layout, conv kernels, bias and output gate."""
+    n_heads = draw(st.sampled_from([2, 4]))
+    return {"type": "cca", "n_heads": n_heads,
+            "n_kv_heads": draw(st.sampled_from([d for d in (1, 2, 4) if n_heads % d == 0])),
+            "head_dim": draw(st.sampled_from([8, 16])), "conv_depthwise": draw(st.integers(1, 3)),
+            "conv_grouped": draw(st.integers(1, 3)), "qkv_bias": draw(st.booleans()),
+            "output_gate": draw(st.sampled_from([None, "head", "element"]))}
+
+
 # name -> strategy producing one layer-spec dict (a layer may only reference earlier layers via
 # kv_from; strategies that need that get the list of earlier layers as ``previous``).
 LAYER_STRATEGIES = {
     "full": lambda previous: full_layer(),
+    "cca": lambda previous: cca_layer(),
 }
 
 

@@ -92,6 +92,7 @@ class LayerSpec:
     kv_quant_group: int = 32
     kv_quant_residual: int = 32  # most recent tokens kept in full precision
     mlp_hidden: int | None = None  # None -> the model's mlp_hidden
+    output_gate: str | None = None  # None | "head" | "element": softplus gate from the layer input
 
     def validate(self, where: str) -> None:
         """Check the spec; ``where`` prefixes messages (``layers[i].``). Subclasses extend."""
@@ -104,6 +105,8 @@ class LayerSpec:
             raise ConfigError(f"{where}kv_quant: must be null, 'int8' or 'int4', got {self.kv_quant!r}")
         if self.kv_quant_residual < 0:
             raise ConfigError(f"{where}kv_quant_residual: must be >= 0, got {self.kv_quant_residual}")
+        if self.output_gate not in (None, "head", "element"):
+            raise ConfigError(f"{where}output_gate: must be null, 'head' or 'element', got {self.output_gate!r}")
 
     def resolved(self, cfg: ModelConfig) -> LayerSpec:
         """A copy with the defaults that depend on the model filled in."""

@@ -50,12 +50,15 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def _yarn(rope: RopeConfig, dim: int, s: dict) -> tuple[torch.Tensor, float]:
-    factor = float(s["factor"])
     original = s.get("original_max_position_embeddings") or rope.max_position
     if original is None:
         raise ConfigError("rope.scaling.original_max_position_embeddings: required for yarn")
-    if s.get("original_max_position_embeddings") and rope.max_position:
+    factor = s.get("factor")
+    if factor is None:  # as transformers 5: max_position / original only stands in for a missing factor
+        if not (s.get("original_max_position_embeddings") and rope.max_position):
+            raise ConfigError("rope.scaling.factor: required for yarn")
         factor = rope.max_position / s["original_max_position_embeddings"]
+    factor = float(factor)
     attention_factor = s.get("attention_factor")
     if attention_factor is None:
         mscale, mscale_all = s.get("mscale"), s.get("mscale_all_dim")

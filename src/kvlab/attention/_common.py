@@ -110,3 +110,24 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(mask.shape[0], 1, group * seq, -1)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     return out.view(batch, heads, seq, v.shape[-1])
+
+
+def output_gate_proj(spec, d_model: int) -> torch.nn.Linear | None:
+    """``g_proj`` of a softplus output gate (Laguna's ``output_gate``): one gate per head ("head") or
+    per output channel ("element"), computed from the layer input; None when the spec has no gate."""
+    if getattr(spec, "output_gate", None) is None:
+        return None
+    width = spec.n_heads if spec.output_gate == "head" else spec.n_heads * spec.head_dim
+    return torch.nn.Linear(d_model, width, bias=False)
+
+
+def apply_output_gate(g_proj: torch.nn.Linear | None, x: torch.Tensor, out: torch.Tensor,
+                      n_heads: int) -> torch.Tensor:
+    """Scale the attention output ``out [B, S, H*Dv]`` by ``softplus(g_proj(x))`` (fp32), ``x [B, S, d]``
+    being the layer input; before ``o_proj``. Identity without a gate."""
+    if g_proj is None:
+        return out
+    gate = F.softplus(g_proj(x).float()).to(out.dtype)  # [B, S, H] or [B, S, H*Dv]
+    if gate.shape[-1] == n_heads and out.shape[-1] != n_heads:
+        return (out.unflatten(-1, (n_heads, -1)) * gate.unsqueeze(-1)).flatten(-2)
+    return out * gate

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvlab.attention._common import ForwardContext, get_rotary, grouped_sdpa
+from kvlab.attention._common import (
+    ForwardContext,
+    apply_output_gate,
+    get_rotary,
+    grouped_sdpa,
+    output_gate_proj,
+)
 from kvlab.cache.base import CacheLayer, GrowingBuffer, SharedCacheLayer
 from kvlab.config import LayerSpec
 from kvlab.errors import ConfigError
@@ -63,6 +69,7 @@ class FullAttention(nn.Module):
             self.k_proj = nn.Linear(d, spec.n_kv_heads * hd, bias=spec.qkv_bias)
             self.v_proj = nn.Linear(d, spec.n_kv_heads * hd, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(h * hd, d, bias=spec.o_bias)
+        self.g_proj = output_gate_proj(spec, d)
         if spec.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.norm_eps)
             if self.owns_kv:
@@ -97,4 +104,5 @@ class FullAttention(nn.Module):
         mask = ctx.mask(torch.arange(kv_len, device=x.device), memo_key=("full", kv_len)) \
             if ctx.needs_mask(kv_len) else None
         out = grouped_sdpa(q, k, v, mask, causal=True, scale=self.scale)  # [B, H, S, D]
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
+        return self.o_proj(apply_output_gate(self.g_proj, x, out, self.n_heads))
