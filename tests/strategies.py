@@ -25,11 +25,63 @@ def cca_layer(draw):
             "output_gate": draw(st.sampled_from([None, "head", "element"]))}
 
 
+@st.composite
+def v4_layer(draw, kind):
+    """DeepSeek V4 layers ("csa", "hca", "v4_sliding"): window, compression rate, indexer and RoPE slice."""
+    n_heads = draw(st.sampled_from([2, 4]))
+    head_dim = draw(st.sampled_from([8, 16]))
+    partial = draw(st.sampled_from([0.5, 1.0]))
+    layer = {"type": kind, "n_heads": n_heads, "head_dim": head_dim, "window": draw(st.integers(1, 9)),
+             "q_lora_rank": draw(st.sampled_from([8, 16])), "o_groups": draw(st.sampled_from([1, 2])),
+             "o_lora_rank": 8, "rope": {"partial": partial, "interleaved": draw(st.booleans())}}
+    if kind != "v4_sliding":
+        layer["compress_rate"] = draw(st.integers(1, 9))
+    if kind == "csa":
+        layer.update(index_n_heads=draw(st.integers(1, 3)), index_head_dim=draw(st.sampled_from([d for d in (8, 16) if d >= head_dim * partial])),
+                     index_topk=draw(st.integers(1, 6)))
+    return layer
+
+
+def kv_quant_fields(draw) -> dict:
+    """Random KIVI quantization settings (int8/int4, group, full-precision residual)."""
+    return {"kv_quant": draw(st.sampled_from(["int8", "int4"])), "kv_quant_group": draw(st.sampled_from([4, 8, 32])),
+            "kv_quant_residual": draw(st.sampled_from([0, 3, 8]))}
+
+
+@st.composite
+def full_quant_layer(draw):
+    """MHA/GQA/MQA with a quantized K/V cache."""
+    return {**draw(full_layer()), **kv_quant_fields(draw)}
+
+
+@st.composite
+def mla_layer(draw, previous=(), quant=None):
+    """Multi-head latent attention: latent rank, RoPE/nope/value dims, optional low-rank query, quantized
+    latent (``quant``: None = random, False = never), or a consumer of an earlier MLA layer's latent."""
+    producers = [i for i, p in enumerate(previous) if p["type"] == "mla" and p.get("kv_from") is None]
+    if producers and draw(st.booleans()):
+        src = draw(st.sampled_from(producers))
+        shape = {k: previous[src][k] for k in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim")}
+        return {"type": "mla", "n_heads": draw(st.sampled_from([2, 4])), **shape, "kv_from": src,
+                "v_head_dim": draw(st.sampled_from([4, 8])), "q_lora_rank": draw(st.sampled_from([None, 8]))}
+    layer = {"type": "mla", "n_heads": draw(st.sampled_from([2, 4])), "kv_lora_rank": draw(st.sampled_from([8, 16])),
+             "qk_rope_head_dim": draw(st.sampled_from([4, 8])), "qk_nope_head_dim": draw(st.sampled_from([4, 8])),
+             "v_head_dim": draw(st.sampled_from([4, 8, 12])), "q_lora_rank": draw(st.sampled_from([None, 8]))}
+    if quant is None and draw(st.booleans()):
+        layer.update(kv_quant_fields(draw))
+    return layer
+
+
 # name -> strategy producing one layer-spec dict (a layer may only reference earlier layers via
 # kv_from; strategies that need that get the list of earlier layers as ``previous``).
 LAYER_STRATEGIES = {
     "full": lambda previous: full_layer(),
+    "full_quant": lambda previous: full_quant_layer(),
+    "mla": lambda previous: mla_layer(previous),
     "cca": lambda previous: cca_layer(),
+    "csa": lambda previous: v4_layer("csa"),
+    "hca": lambda previous: v4_layer("hca"),
+    "v4_sliding": lambda previous: v4_layer("v4_sliding"),
 }
 
 

@@ -24,6 +24,8 @@ SWA = {"type": "v4_sliding", **_V4}
 CASES = {
     "csa_hca": {**_model([CSA, HCA]), "_seq": 30},
     "v4_mixed": {**_model([SWA, HCA, CSA, {"type": "full", "n_heads": 2}]), "_seq": 27},
+    "mhc_csa_full": {**_model([CSA, {"type": "full", "n_heads": 4, "n_kv_heads": 2}],
+                              hyper_connections={"streams": 3, "sinkhorn_iters": 5}), "_seq": 26},
 }
 
 
@@ -66,7 +68,10 @@ def _sliding_mask(start: int, seq: int, kv_len: int, window: int) -> torch.Tenso
 def test_attention_module_matches_transformers(kind):
     pytest.importorskip("transformers")
     from transformers.cache_utils import DynamicCache
-    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Attention, DeepseekV4RotaryEmbedding
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
+        DeepseekV4Attention,
+        DeepseekV4RotaryEmbedding,
+    )
 
     from kvlab.attention._common import ForwardContext
     from kvlab.hf.deepseek_v4 import deepseek_v4_config
@@ -101,3 +106,125 @@ def test_attention_module_matches_transformers(kind):
         start += size
     torch.testing.assert_close(torch.cat(steps, 1), torch.cat(ref_steps, 1), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_csa_decode_gathers_only_window_and_topk_entries():
+    model = build(_model([CSA]))
+    attn = model.layers[0].self_attn
+    touched = {}
+    for context in (101, 403):
+        ids = torch.randint(0, 97, (1, context))
+        cache = model.new_cache(1)
+        model(ids[:, :-1], cache=cache)
+        model(ids[:, -1:], cache=cache)
+        touched[context] = dict(attn.stats)
+    for context, stats in touched.items():
+        assert stats["entries_scored"] == context // 4  # the indexer scores every entry (cheap, d_I wide)
+        assert stats["entries_attended"] == CSA["index_topk"]  # attention gathers only the top-k
+        assert stats["window_keys"] == CSA["window"]
+
+
+@torch.no_grad()
+def test_gathered_and_dense_paths_agree():
+    model = build(_model([CSA, CSA]))
+    ids = torch.randint(0, 97, (2, 41))
+    sparse, _ = decode_stepwise(model, ids, [30, 3])
+    for block in model.layers:
+        block.self_attn.gather_max_queries = 0
+    dense, _ = decode_stepwise(model, ids, [30, 3])
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_indexer_breaks_ties_by_position():
+    from kvlab.attention.compressed import Indexer
+
+    scores = torch.tensor([[[1.0, 2.0, 2.0, 0.0, 2.0, float("-inf")]]])
+    indexer = Indexer.__new__(Indexer)
+    for k, expected in ((3, [1, 2, 4]), (2, [1, 2]), (4, [0, 1, 2, 4]), (6, [0, 1, 2, 3, 4, 5])):
+        indexer.topk = k
+        idx, valid = Indexer.select(indexer, scores, torch.tensor([[5]]))
+        assert idx.tolist() == [[expected]]
+        assert valid.tolist() == [[[i < 5 for i in expected]]]
+
+
+def test_planner_bytes_follow_the_formula():
+    from kvlab.config import ModelConfig
+
+    config = ModelConfig.from_dict(_model([CSA, HCA]))
+    csa, hca = config.layer(0), config.layer(1)
+    for tokens in (1, 7, 64, 1000):
+        window = min(tokens, 5) * 16
+        assert csa.cache_bytes(tokens, 1, 2) == 2 * (window + tokens // 4 * (16 + 12) + 2 * 4 * (32 + 24)
+                                                     + 2 * 4 * (16 + 12))
+        assert hca.cache_bytes(tokens, 1, 2) == 2 * (window + tokens // 8 * 16 + 2 * 8 * 16)
+    for n in (1, 5, 9, 40):  # closed forms equal the per-query sums
+        seen_h = sum(min(t + 1, 6) + (t + 1) // 8 for t in range(n))
+        seen_c = sum(min(t + 1, 6) + min((t + 1) // 4, 3) for t in range(n))
+        assert hca.attended_pairs(n) == seen_h and csa.attended_pairs(n) == seen_c
+
+
+@torch.no_grad()
+def test_hyper_connections_match_transformers():
+    pytest.importorskip("transformers")
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
+        DeepseekV4HyperConnection,
+        DeepseekV4HyperHead,
+    )
+
+    from kvlab.hyper_connections import HyperConnection, HyperHead
+
+    hf_cfg = _hf_config("hca", hc_mult=3, hc_sinkhorn_iters=7)
+    hc = {"streams": 3, "sinkhorn_iters": 7, "eps": hf_cfg.hc_eps}
+    for ref, mine in ((DeepseekV4HyperConnection(hf_cfg), HyperConnection(32, hc, hf_cfg.rms_norm_eps)),
+                      (DeepseekV4HyperHead(hf_cfg), HyperHead(32, hc, hf_cfg.rms_norm_eps))):
+        _randomize(ref, seed=5)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.mul_(3.0)  # far from the near-uniform init: Sinkhorn's order matters
+        mine.load_state_dict(ref.state_dict(), strict=True)
+        streams = torch.randn(2, 7, 3, 32)
+        if isinstance(ref, DeepseekV4HyperHead):
+            torch.testing.assert_close(mine(streams), ref(streams), atol=1e-5, rtol=1e-5)
+            continue
+        branch = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Tanh())
+        post, comb, collapsed = ref(streams)
+        expected = post.unsqueeze(-1) * branch(collapsed).unsqueeze(-2) + comb.transpose(-1, -2) @ streams
+        torch.testing.assert_close(mine(streams, branch), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_hyper_connections_config_is_validated():
+    from kvlab.errors import ConfigError
+
+    for bad, field in (({"streams": 0}, "streams"), ({"stream": 2}, "stream"), ({"eps": "x"}, "eps")):
+        with pytest.raises(ConfigError, match=f"hyper_connections.{field}"):
+            kvlab.ModelConfig.from_dict(_model([CSA], hyper_connections=bad))
+
+
+@torch.no_grad()
+def test_any_prefill_decode_split_leaves_the_same_cache_state():
+    model = build(_model([CSA, HCA]))
+    ids = torch.randint(0, 97, (2, 35))
+    states = []
+    for chunks in ([35], [1], [13, 9, 2], [4, 4, 8]):
+        _, cache = decode_stepwise(model, ids, chunks)
+        states.append([{**{k: v for k, v in layer.state.items()},
+                        **{k: b.view() for k, b in layer.buffers.items()}} for layer in cache.layers])
+    for other in states[1:]:
+        for mine, theirs in zip(states[0], other):
+            assert mine.keys() == theirs.keys()
+            for name in mine:
+                torch.testing.assert_close(theirs[name], mine[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_csa_v4_layers_train():
+    model = build(_model([CSA, HCA], hyper_connections={"streams": 2})).train()
+    ids = torch.randint(0, 97, (2, 30))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    model(ids, attention_mask=mask).logsumexp(-1).mean().backward()
+    for name, p in model.named_parameters():
+        if ".indexer." in name:  # top-k passes no gradient to the indexer (as in the reference)
+            continue
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name

@@ -18,7 +18,9 @@ WEIGHTS = "model.safetensors"
 
 def save_model(model, path: str | Path, overwrite: bool = False) -> None:
     path = Path(path)
-    if (path / WEIGHTS).exists() and not overwrite:
+    if path.exists() and not path.is_dir():
+        raise KvlabError(f"{path}: exists and is not a folder")
+    if not overwrite and any((path / name).exists() for name in (WEIGHTS, "config.json")):
         raise KvlabError(f"{path}: already holds a checkpoint (pass overwrite=True / --force to replace it)")
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -64,17 +66,34 @@ def _load_kvlab(path: Path, data: dict, dtype: str | None):
         raise KvlabError(f"{path}: config.json found but no {WEIGHTS}")
     with torch.device("meta"):
         model = Model(config)
-    state = load_file(str(weights))
-    if config.tie_embeddings:
+    state = read_safetensors_file(weights)
+    if config.tie_embeddings and "embed_tokens.weight" in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]
-    missing = set(model.state_dict()) - set(state)
-    unexpected = set(state) - set(model.state_dict())
-    if missing or unexpected:
-        raise KvlabError(f"{weights}: weights do not match config.json "
-                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    check_state(model, state, str(weights))
     model.load_state_dict(state, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     from kvlab.model import TORCH_DTYPES
 
     return model.to(TORCH_DTYPES[config.dtype])
+
+
+def read_safetensors_file(file: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file; a truncated or corrupt file is a one-line ``KvlabError``."""
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # SafetensorError, OSError, ...
+        raise KvlabError(f"{file}: cannot read safetensors ({(str(exc).splitlines() or ['corrupt'])[0]})") from None
+
+
+def check_state(model, state: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse (one line) a state dict whose names or shapes disagree with ``model``."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KvlabError(f"{where}: weights do not match the config (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise KvlabError(f"{where}: {name} has shape {tuple(tensor.shape)}, config implies "
+                             f"{tuple(expected[name].shape)}")

@@ -42,10 +42,18 @@ def _build_dataclass(cls: type, data: dict, where: str):
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}{unknown[0]}: unknown field for {cls.__name__}")
+    required = [f.name for f in fields(cls) if f.init and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.name not in data]
+    if required:
+        raise ConfigError(f"{where}{required[0]}: missing (required by {cls.__name__})")
     try:
         return cls(**data)
     except TypeError as exc:  # missing required field
         raise ConfigError(f"{where.rstrip('.') or cls.__name__}: {exc}") from None
+
+
+_ROPE_SCALING_KEYS = {"linear": ("factor",),
+                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 @dataclass
@@ -63,6 +71,12 @@ class RopeConfig:
         _check_positive("rope.", theta=self.theta)
         if not 0.0 < self.partial <= 1.0:
             raise ConfigError(f"rope.partial: must be in (0, 1], got {self.partial}")
+        if self.scaling is not None and not isinstance(self.scaling, dict):
+            raise ConfigError(f"rope.scaling: expected an object or null, got {self.scaling!r}")
+        kind = (self.scaling or {}).get("rope_type", (self.scaling or {}).get("type"))
+        for key in _ROPE_SCALING_KEYS.get(kind, ()):
+            if not isinstance(self.scaling.get(key), (int, float)):
+                raise ConfigError(f"rope.scaling.{key}: required for {kind} scaling, got {self.scaling.get(key)!r}")
 
     @classmethod
     def from_dict(cls, data: dict | None, where: str = "rope.") -> RopeConfig | None:
@@ -98,6 +112,9 @@ class LayerSpec:
         """Check the spec; ``where`` prefixes messages (``layers[i].``). Subclasses extend."""
         _check_positive(where, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
                         mlp_hidden=self.mlp_hidden, kv_quant_group=self.kv_quant_group)
+        for name in ("n_heads", "n_kv_heads", "head_dim", "mlp_hidden"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), int):
+                raise ConfigError(f"{where}{name}: must be an integer, got {getattr(self, name)!r}")
         if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             raise ConfigError(f"{where}n_kv_heads: n_heads ({self.n_heads}) is not divisible by "
                               f"n_kv_heads ({self.n_kv_heads})")
@@ -105,6 +122,9 @@ class LayerSpec:
             raise ConfigError(f"{where}kv_quant: must be null, 'int8' or 'int4', got {self.kv_quant!r}")
         if self.kv_quant_residual < 0:
             raise ConfigError(f"{where}kv_quant_residual: must be >= 0, got {self.kv_quant_residual}")
+        if self.kv_quant == "int4" and self.head_dim is not None and self.head_dim % 2:
+            raise ConfigError(f"{where}kv_quant: int4 packs two codes per byte; head_dim ({self.head_dim}) "
+                              "must be even")
         if self.output_gate not in (None, "head", "element"):
             raise ConfigError(f"{where}output_gate: must be null, 'head' or 'element', got {self.output_gate!r}")
 
@@ -119,6 +139,10 @@ class LayerSpec:
         """Exact bytes this layer's cache holds after ``tokens`` steps (what ``nbytes`` measures)."""
         if self.kv_from is not None:
             return 0
+        if self.kv_quant:  # codes + scales + zero points + full-precision residual (kvlab.cache.quantized)
+            from kvlab.cache.quantized import quantized_kv_bytes
+
+            return quantized_kv_bytes(self, tokens, batch, elem_bytes)
         return 2 * batch * self.n_kv_heads * self.head_dim * tokens * elem_bytes
 
     def mha_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
@@ -186,11 +210,14 @@ class ModelConfig:
     max_seq_len: int = 4096
     name: str = "kvlab"
     extras: dict = field(default_factory=dict)  # model-family features (e.g. embedding scale); see model.py
+    hyper_connections: dict | None = None  # mHC residual streams {"streams": 4, ...}; see hyper_connections.py
 
     def __post_init__(self) -> None:
         if isinstance(self.rope, dict):
             self.rope = RopeConfig.from_dict(self.rope)
-        self.layers = [LayerSpec.from_dict(s, f"layers[{i}].") if isinstance(s, dict) else s
+        if not isinstance(self.layers, list):
+            raise ConfigError(f"layers: expected a list of layer specs, got {type(self.layers).__name__}")
+        self.layers = [s if isinstance(s, LayerSpec) else LayerSpec.from_dict(s, f"layers[{i}].")
                        for i, s in enumerate(self.layers)]
         self.validate()
 
@@ -204,6 +231,9 @@ class ModelConfig:
         if self.mlp_act not in ("silu", "gelu_tanh", "gelu"):
             raise ConfigError(f"mlp_act: must be 'silu', 'gelu' or 'gelu_tanh', got {self.mlp_act!r}")
         self.dtype = canonical_dtype(self.dtype)
+        from kvlab.hyper_connections import validate_hyper_connections
+
+        validate_hyper_connections(self.hyper_connections)
         if not isinstance(self.layers, list) or len(self.layers) != self.n_layers:
             count = len(self.layers) if isinstance(self.layers, list) else type(self.layers).__name__
             raise ConfigError(f"layers: has {count} entries but n_layers is {self.n_layers}")
@@ -296,8 +326,8 @@ def read_config_file(path: str | Path) -> dict:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
-    except (json.JSONDecodeError, ValueError) as exc:
-        first = str(exc).splitlines()[0]
+    except Exception as exc:  # JSONDecodeError, yaml.YAMLError, RecursionError, ...: one line, no traceback
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({first})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")

@@ -13,6 +13,7 @@ from kvlab.attention._common import ForwardContext
 from kvlab.cache import Cache
 from kvlab.config import ModelConfig
 from kvlab.errors import KvlabError, UnsupportedError
+from kvlab.hyper_connections import HyperConnection, HyperHead, widen
 from kvlab.mlp import GatedMLP
 from kvlab.norms import RMSNorm
 from kvlab.registry import get_technique
@@ -39,6 +40,9 @@ class Block(nn.Module):
         self.self_attn = build_attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = GatedMLP(cfg.d_model, spec.mlp_hidden, cfg.mlp_act)
+        if cfg.hyper_connections is not None:  # mHC around both sublayers
+            self.attn_hc = HyperConnection(cfg.d_model, cfg.hyper_connections, cfg.norm_eps)
+            self.ffn_hc = HyperConnection(cfg.d_model, cfg.hyper_connections, cfg.norm_eps)
 
     def attention_branch(self, x: torch.Tensor, ctx: ForwardContext, cache_layer) -> torch.Tensor:
         return self.self_attn(self.input_layernorm(x), ctx, cache_layer)
@@ -47,14 +51,16 @@ class Block(nn.Module):
         return self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext, cache_layer) -> torch.Tensor:
-        """``h [B, S, d]`` -> same. Residual connections are plain sums here; a residual-stream option
-        (e.g. hyper-connections) replaces ``residual``."""
-        h = self.residual(h, lambda x: self.attention_branch(x, ctx, cache_layer))
-        return self.residual(h, self.mlp_branch)
+        """``h [B, S, d]`` -> same (``[B, S, n, d]`` with ``n`` hyper-connection streams). Residuals are
+        plain sums unless the config has ``hyper_connections`` (then each sublayer has an mHC site)."""
+        attention = lambda x: self.attention_branch(x, ctx, cache_layer)  # noqa: E731
+        h = self.residual(h, attention, getattr(self, "attn_hc", None))
+        return self.residual(h, self.mlp_branch, getattr(self, "ffn_hc", None))
 
     @staticmethod
-    def residual(h: torch.Tensor, branch) -> torch.Tensor:
-        return h + branch(h)
+    def residual(h: torch.Tensor, branch, hc: nn.Module | None = None) -> torch.Tensor:
+        """``h + branch(h)``; with hyper-connections ``h`` is ``[B, S, n, d]`` and ``hc`` mixes the streams."""
+        return h + branch(h) if hc is None else hc(h, branch)
 
 
 def pad_offsets(attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -75,10 +81,14 @@ def pad_offsets(attention_mask: torch.Tensor) -> torch.Tensor | None:
 class Model(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if config.extras.get("unsupported"):  # set by an HF family for configs it can plan but not build
+            raise UnsupportedError(f"{config.name}: {config.extras['unsupported']}")
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
+        if config.hyper_connections is not None:
+            self.hc_head = HyperHead(config.d_model, config.hyper_connections, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.reset_parameters()
         if config.tie_embeddings:
@@ -132,10 +142,14 @@ class Model(nn.Module):
         pad = self._pad_offset(attention_mask, cache, batch, seq)
         ctx = ForwardContext(batch, seq, start, pad, input_ids.device)
         h = self.embed(input_ids)
+        if self.config.hyper_connections is not None:
+            h = widen(h, self.hc_head.n)  # [B, S, n, d]
         for i, block in enumerate(self.layers):
             h = block(h, ctx, cache.layers[i] if cache is not None else None)
         if cache is not None:
             cache.step += seq
+        if self.config.hyper_connections is not None:
+            h = self.hc_head(h)
         h = self.norm(h)
         return h if return_hidden else self.lm_head(h)
 

@@ -13,6 +13,8 @@ window's first position. CSA windows overlap (an entry pools the previous window
 window's "Cb" half, 2m slots) and a lightning indexer (its own compressor at ``index_head_dim``) scores
 entries per query, ``sum_h w_h relu(q_h . k)``; each query attends to its ``index_topk`` best visible
 entries (ties broken by position: the earlier entry wins). HCA attends to every complete entry.
+As in the reference, top-k selection passes no gradient to the indexer (DeepSeek trains it with a
+separate objective); every other parameter trains through the dense or gathered path.
 
 Windows are aligned to each row's *real* positions (left padding is never compressed), so a padded row
 equals that row alone. Decoding gathers the selected entries (cost ~ window + top-k); long chunks use a
@@ -54,7 +56,6 @@ class V4SlidingSpec(LayerSpec):
     q_lora_rank: int = 64
     o_groups: int = 1
     o_lora_rank: int = 64
-    compress_rate: int = 0  # 0: no compressor
 
     def validate(self, where: str) -> None:
         super().validate(where)
@@ -304,9 +305,14 @@ class Indexer(Compressor):
         return total.masked_fill(entry >= visible.unsqueeze(-1), float("-inf"))
 
     def select(self, scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k entry indices ``[B, S, k]`` (ties: earlier entry first) and their validity."""
+        """Top-k entry indices ``[B, S, k]`` in position order, and their validity. Deterministic under
+        ties: entries scoring above the k-th score are taken, then the earliest entries equal to it."""
         k = min(self.topk, scores.shape[-1])
-        idx = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+        kth = scores.topk(k, dim=-1).values[..., -1:]  # [B, S, 1]
+        above = scores > kth
+        tie = scores == kth
+        chosen = above | (tie & (tie.cumsum(-1) <= k - above.sum(-1, keepdim=True)))  # exactly k per query
+        idx = chosen.nonzero()[:, -1].view(*scores.shape[:-1], k)
         return idx, idx < visible.unsqueeze(-1)
 
 
@@ -358,12 +364,13 @@ class V4CacheLayer(CacheLayer):
             buf.data[rows, first[rows] + cols] = entries[rows, cols].to(buf.data.dtype)
         return buf.view()
 
+    def reserve(self, total: int) -> None:
+        for name, comp in self.compressors.items():
+            self.buffers[name].reserve(total // comp.rate + 1)
+
     def reset(self) -> None:
         super().reset()
         self.state["window"] = self.state["window"][:, :0]
-
-    def select(self, rows: torch.Tensor) -> None:
-        super().select(rows)
 
 
 @register_module("v4_sliding")

@@ -19,8 +19,8 @@ from kvlab.attention._common import (
     output_gate_proj,
 )
 from kvlab.cache.base import CacheLayer, GrowingBuffer, SharedCacheLayer
+from kvlab.cache.quantized import QuantizedKVCacheLayer
 from kvlab.config import LayerSpec
-from kvlab.errors import ConfigError
 from kvlab.norms import RMSNorm
 from kvlab.registry import register_module, register_spec
 
@@ -58,8 +58,6 @@ class FullAttention(nn.Module):
 
     def __init__(self, spec: FullSpec, cfg, layer_idx: int):
         super().__init__()
-        if spec.kv_quant:
-            raise ConfigError(f"layers[{layer_idx}].kv_quant: quantized caches are not available yet")
         self.spec, self.layer_idx = spec, layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
         self.owns_kv = spec.kv_from is None
@@ -80,6 +78,10 @@ class FullAttention(nn.Module):
     def new_cache_layer(self, batch: int, dtype: torch.dtype, device, built: list[CacheLayer]) -> CacheLayer:
         if not self.owns_kv:
             return SharedCacheLayer(built[self.spec.kv_from])
+        if self.spec.kv_quant:
+            return QuantizedKVCacheLayer(batch, self.n_kv_heads, self.head_dim, dtype, device,
+                                         kind=self.spec.kv_quant, group=self.spec.kv_quant_group,
+                                         residual=self.spec.kv_quant_residual)
         return KVCacheLayer(batch, self.n_kv_heads, self.head_dim, dtype, device)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cache: CacheLayer | None) -> torch.Tensor:

@@ -70,7 +70,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         return family.to_config(hf)
     except KeyError as exc:
         raise ConfigError(f"{where}: missing field {exc.args[0]!r}") from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, KvlabError):
             raise
         raise ConfigError(f"{where}: invalid value ({exc})") from None
@@ -103,7 +103,7 @@ def hf_dtype(hf: dict) -> str:
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from kvlab.checkpoint import read_safetensors_file
 
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -114,15 +114,13 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise KvlabError(f"{path}: no .safetensors weights found")
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        try:
-            state.update(load_file(str(path / name)))
-        except Exception as exc:  # truncated or corrupt file
-            raise KvlabError(f"{path / name}: cannot read safetensors ({str(exc).splitlines()[0]})") from None
+        state.update(read_safetensors_file(path / name))
     return state
 
 
 def load_hf(path: str | Path, hf: dict, dtype: str | None = None):
     """A kvlab ``Model`` holding the weights of the HF checkpoint folder ``path``."""
+    from kvlab.checkpoint import check_state
     from kvlab.model import TORCH_DTYPES, Model
 
     path = Path(path)
@@ -136,18 +134,9 @@ def load_hf(path: str | Path, hf: dict, dtype: str | None = None):
     state = family.convert_state(read_safetensors(path), config)
     with torch.device("meta"):
         model = Model(config)
-    expected = model.state_dict()
-    if config.tie_embeddings:
-        state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise KvlabError(f"{path}: weights do not match the config (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise KvlabError(f"{path}: {name} has shape {tuple(tensor.shape)}, config implies "
-                             f"{tuple(expected[name].shape)}")
+    if config.tie_embeddings and "embed_tokens.weight" in state:
+        state.setdefault("lm_head.weight", state["embed_tokens.weight"])
+    check_state(model, state, str(path))
     model.load_state_dict(state, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

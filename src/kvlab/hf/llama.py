@@ -52,17 +52,23 @@ def llama_config(hf: dict) -> ModelConfig:
     }
     layers = [{"type": "full", **base} if w is None else {"type": "sliding", "window": w, **base}
               for w in layer_windows(hf)]
-    return ModelConfig(
-        name=model_type,
+    return decoder_config(hf, model_type, layers)
+
+
+def decoder_config(hf: dict, name: str, layers: list[dict], rope=None, **overrides) -> ModelConfig:
+    """A ModelConfig from the fields every Llama-like HF config has (sizes, MLP, norm, RoPE, tying)."""
+    fields = dict(
+        name=name,
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
         n_layers=hf["num_hidden_layers"],
         mlp_hidden=hf["intermediate_size"],
         mlp_act=ACTS.get(hf.get("hidden_act", "silu"), hf.get("hidden_act")),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope=hf_rope(hf),
+        rope=rope or hf_rope(hf),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         dtype=hf_dtype(hf),
         max_seq_len=hf.get("max_position_embeddings", 4096),
         layers=layers,
     )
+    return ModelConfig(**{**fields, **overrides})

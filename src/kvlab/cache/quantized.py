@@ -1,0 +1,168 @@
+"""KIVI-style quantized KV storage: int8 / int4 codes with per-group scale and zero point.
+
+A *stream* is one time-growing tensor ``[B, H, T, W]`` stored quantized. Two grouping modes (KIVI):
+- ``"channel"`` (keys, the MLA latent): each channel of each group of ``G`` consecutive tokens shares a
+  scale and zero point, so outlier channels do not spoil the others. Scales ``[B, H, T/G, W]``.
+- ``"token"`` (values): each token's channels are split into groups of ``gcd(G, W)`` channels.
+  Scales ``[B, H, T, W/g]``.
+
+Flush policy (what makes the planner exact at every length): of ``T`` tokens held, the oldest
+``Q(T) = G * floor(max(T - R, 0) / G)`` are quantized and the rest (``R .. R+G-1`` tokens once
+``T >= R``) stay in full precision. It depends on ``T`` only, so chunked and token-by-token filling
+hold the same codes. int4 packs two codes per byte along the channel axis (``W`` must be even).
+Bytes: codes ``Q*W*bits/8`` + scales and zero points (cache dtype) + residual ``(T-Q)*W`` elements.
+
+A forward attends to the dequantized old tokens plus the full-precision residual, which includes the
+tokens of this forward (they are quantized, if at all, after it), as in Hugging Face's QuantizedCache.
+Each read dequantizes the held codes into a temporary of the layer's K/V size (not per query head):
+this layout saves storage, not decode time, on a CPU without fused low-bit attention kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvlab.cache.base import CacheLayer, GrowingBuffer
+
+BITS = {"int8": 8, "int4": 4}
+
+
+def quantized_tokens(tokens: int, group: int, residual: int) -> int:
+    """How many of ``tokens`` are held quantized: whole groups older than the last ``residual``."""
+    return max(tokens - residual, 0) // group * group
+
+
+def token_group(group: int, width: int) -> int:
+    """Channels per scale in ``"token"`` mode."""
+    return math.gcd(group, width)
+
+
+def stream_bytes(mode: str, rows: int, width: int, tokens: int, kind: str, group: int, residual: int,
+                 elem_bytes: int) -> int:
+    """Exact bytes of one quantized stream of ``rows`` (= batch * heads) rows of width ``width``."""
+    q = quantized_tokens(tokens, group, residual)
+    codes = rows * q * width * BITS[kind] // 8
+    scale_count = (q // group) * width if mode == "channel" else q * (width // token_group(group, width))
+    return codes + 2 * rows * scale_count * elem_bytes + rows * (tokens - q) * width * elem_bytes
+
+
+def quantize(x: torch.Tensor, mode: str, kind: str, group: int, scale_dtype: torch.dtype
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max quantization of ``x [B, H, N, W]`` (``N`` a multiple of ``group`` in channel
+    mode). Returns codes ``[B, H, N, W]`` (uint8, int4 packed to ``W/2``), scale and zero point."""
+    levels = 2 ** BITS[kind] - 1
+    b, h, n, w = x.shape
+    xf = x.float()
+    if mode == "channel":
+        grouped = xf.view(b, h, n // group, group, w)  # groups of tokens, per channel
+        lo, hi = grouped.amin(3), grouped.amax(3)  # [B, H, N/G, W]
+    else:
+        g = token_group(group, w)
+        grouped = xf.view(b, h, n, w // g, g)  # groups of channels, per token
+        lo, hi = grouped.amin(4), grouped.amax(4)  # [B, H, N, W/g]
+    scale, zero = ((hi - lo) / levels).to(scale_dtype), lo.to(scale_dtype)
+    s = scale.float()
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    expand = (lambda t: t.unsqueeze(3)) if mode == "channel" else (lambda t: t.unsqueeze(4))
+    codes = ((grouped - expand(zero.float())) / expand(s)).round_().clamp_(0, levels)
+    codes = codes.view(b, h, n, w).to(torch.uint8)
+    if kind == "int4":
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)  # [B, H, N, W/2]
+    return codes, scale, zero
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, mode: str, kind: str,
+               group: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of ``quantize``: ``[B, H, N, W]`` in ``dtype``."""
+    if kind == "int4":
+        codes = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)  # unpack: [B, H, N, W]
+    b, h, n, w = codes.shape
+    if mode == "channel":
+        x = codes.view(b, h, n // group, group, w).float() * scale.float().unsqueeze(3) + zero.float().unsqueeze(3)
+    else:
+        g = token_group(group, w)
+        x = codes.view(b, h, n, w // g, g).float() * scale.float().unsqueeze(4) + zero.float().unsqueeze(4)
+    return x.view(b, h, n, w).to(dtype)
+
+
+class QuantizedStream:
+    """One quantized time-growing tensor ``[B, H, T, W]``; its buffers live in ``owner.buffers`` (so
+    ``nbytes``, ``select`` and ``reset`` of the owner cover them) under ``name.*``."""
+
+    def __init__(self, owner: CacheLayer, name: str, batch: int, heads: int, width: int, mode: str,
+                 kind: str, group: int, residual: int, dtype: torch.dtype, device=None):
+        if kind == "int4" and width % 2:
+            raise ValueError(f"int4 packing needs an even width, got {width}")
+        self.mode, self.kind, self.group, self.residual = mode, kind, group, residual
+        self.width, self.dtype = width, dtype
+        scale_width = width if mode == "channel" else width // token_group(group, width)
+        code_width = width * BITS[kind] // 8
+        self.codes = GrowingBuffer((batch, heads, 0, code_width), 2, torch.uint8, device)
+        self.scale = GrowingBuffer((batch, heads, 0, scale_width), 2, dtype, device)
+        self.zero = GrowingBuffer((batch, heads, 0, scale_width), 2, dtype, device)
+        self.recent = GrowingBuffer((batch, heads, 0, width), 2, dtype, device)  # full precision
+        for part in ("codes", "scale", "zero", "recent"):
+            owner.buffers[f"{name}.{part}"] = getattr(self, part)
+
+    @property
+    def quantized_length(self) -> int:
+        return self.codes.length
+
+    def dequantized(self) -> torch.Tensor:
+        """The quantized tokens, dequantized: ``[B, H, Q, W]``."""
+        return dequantize(self.codes.view(), self.scale.view(), self.zero.view(), self.mode, self.kind,
+                          self.group, self.width, self.dtype)
+
+    def append(self, x: torch.Tensor) -> torch.Tensor:
+        """Store ``x [B, H, S, W]``; return every token held, ``[B, H, T, W]`` (old ones dequantized,
+        recent ones and ``x`` exact). Then quantize the groups that left the residual window."""
+        recent = self.recent.append(x)
+        total = self.quantized_length + recent.shape[2]
+        flush = quantized_tokens(total, self.group, self.residual) - self.quantized_length
+        if self.quantized_length == 0 and flush == 0:
+            return recent  # nothing quantized yet and the buffer is not rewritten below
+        out = torch.cat([self.dequantized(), recent], dim=2)
+        if flush:
+            codes, scale, zero = quantize(recent[:, :, :flush], self.mode, self.kind, self.group, self.dtype)
+            self.codes.append(codes)
+            self.scale.append(scale)
+            self.zero.append(zero)
+            keep = recent[:, :, flush:].clone()
+            self.recent.reset()
+            self.recent.append(keep)
+        return out
+
+    def reserve(self, total: int) -> None:
+        self.recent.reserve(min(total, self.residual + self.group))
+        for buf in (self.codes, self.scale, self.zero):
+            buf.reserve(total if buf is self.codes or self.mode == "token" else -(-total // self.group))
+
+
+class QuantizedKVCacheLayer(CacheLayer):
+    """K and V of every past token, quantized KIVI-style: keys per channel, values per token."""
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device=None, *,
+                 kind: str, group: int, residual: int, value_dim: int | None = None):
+        super().__init__()
+        self.k = QuantizedStream(self, "k", batch, kv_heads, head_dim, "channel", kind, group, residual,
+                                 dtype, device)
+        self.v = QuantizedStream(self, "v", batch, kv_heads, value_dim or head_dim, "token", kind, group,
+                                 residual, dtype, device)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new ``k, v [B, Hkv, S, D]``; return all keys and values held (dequantized)."""
+        self.length += k.shape[2]
+        return self.k.append(k), self.v.append(v)
+
+    def reserve(self, total: int) -> None:
+        self.k.reserve(total)
+        self.v.reserve(total)
+
+
+def quantized_kv_bytes(spec, tokens: int, batch: int, elem_bytes: int) -> int:
+    """Planner rule of ``QuantizedKVCacheLayer`` for a resolved spec with ``kv_quant`` set."""
+    rows = batch * spec.n_kv_heads
+    return sum(stream_bytes(mode, rows, spec.head_dim, tokens, spec.kv_quant, spec.kv_quant_group,
+                            spec.kv_quant_residual, elem_bytes) for mode in ("channel", "token"))

@@ -1,0 +1,187 @@
+"""KIVI-style int8/int4 KV quantization: reconstruction error bounds, planner == measured bytes at every
+length (MHA, GQA, MLA latent), flush policy independent of chunking, exactness while everything is in
+the full-precision residual, bounded logit drift. (Quantized decoding is not the full forward, so these
+replace the standard matrix.)"""
+
+import pytest
+import torch
+from helpers import build, decode_stepwise
+
+import kvlab
+from kvlab.cache.quantized import dequantize, quantize, quantized_tokens, stream_bytes
+
+
+def _model(layers, **extra):
+    return {"vocab_size": 97, "d_model": 64, "n_layers": len(layers), "mlp_hidden": 96, "layers": layers, **extra}
+
+
+def _full(kind, **extra):
+    return {"type": "full", "n_heads": 4, "n_kv_heads": 2, "kv_quant": kind, "kv_quant_group": 8,
+            "kv_quant_residual": 4, **extra}
+
+
+def _mla(kind=None, **extra):
+    return {"type": "mla", "n_heads": 4, "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
+            "v_head_dim": 16, "kv_quant": kind, "kv_quant_group": 8, "kv_quant_residual": 4, **extra}
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["channel", "token"])
+def test_reconstruction_error_is_within_half_a_step(kind, mode):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 24, generator=gen)
+    x[..., 5] *= 20  # an outlier channel (keys have them; per-channel groups confine the damage)
+    codes, scale, zero = quantize(x, mode, kind, 8, torch.float32)
+    assert codes.dtype == torch.uint8 and codes.shape[-1] == (24 if kind == "int8" else 12)
+    back = dequantize(codes, scale, zero, mode, kind, 8, 24, torch.float32)
+    step = scale.unsqueeze(3).expand(2, 3, 2, 8, 24).reshape(x.shape) if mode == "channel" \
+        else scale.repeat_interleave(8, dim=-1)
+    assert ((back - x).abs() <= step / 2 + 1e-5).all()
+    rel = ((back - x).norm() / x.norm()).item()
+    assert rel < (0.01 if kind == "int8" else 0.15)
+
+
+def test_constant_groups_are_exact():
+    x = torch.full((1, 1, 8, 4), 0.75)
+    for kind in ("int8", "int4"):
+        codes, scale, zero = quantize(x, "channel", kind, 8, torch.float32)
+        assert torch.equal(dequantize(codes, scale, zero, "channel", kind, 8, 4, torch.float32), x)
+
+
+def test_flush_policy():
+    # oldest whole groups beyond the last R tokens are quantized; R..R+G-1 stay in full precision
+    assert [quantized_tokens(t, 8, 4) for t in (0, 4, 11, 12, 19, 20, 100)] == [0, 0, 0, 8, 8, 16, 96]
+    assert [quantized_tokens(t, 4, 0) for t in (3, 4, 7)] == [0, 4, 4]
+    # int8: 1 byte/code; scale + zero per (group of 8 tokens, channel); fp32 residual of 5 tokens
+    assert stream_bytes("channel", 1, 16, 13, "int8", 8, 4, 4) == 8 * 16 + 2 * 16 * 4 + 5 * 16 * 4
+    assert stream_bytes("token", 1, 16, 13, "int4", 8, 4, 4) == 8 * 8 + 2 * 8 * 2 * 4 + 5 * 16 * 4
+
+
+QUANT_CASES = {
+    "mha_int8": _model([_full("int8", n_kv_heads=4), _full("int8", n_kv_heads=4)]),
+    "gqa_int4_residual0": _model([_full("int4", kv_quant_residual=0), _full("int4", kv_quant_group=4)]),
+    "gqa_int4_group_wider_than_head": _model([_full("int4", head_dim=24, kv_quant_group=32,
+                                                    kv_quant_residual=3)]),
+    "mla_int4": _model([_mla("int4"), _mla("int4", q_lora_rank=16)]),
+    "mla_int8_with_plain_layers": _model([_mla("int8"), {"type": "full", "n_heads": 4}, _mla()]),
+}
+
+
+@pytest.mark.parametrize("name", list(QUANT_CASES))
+@torch.no_grad()
+def test_planner_equals_measured_bytes_at_every_length(name):
+    model = build(QUANT_CASES[name])
+    ids = torch.randint(0, 97, (2, 70), generator=torch.Generator().manual_seed(1))
+    cache = model.new_cache(2)
+    model(ids[:, :13], cache=cache)
+    for t in range(13, 70):
+        planned = kvlab.plan(model.config, context=t, batch=2)
+        assert [layer.cache_bytes for layer in planned.layers] == cache.layer_nbytes(), f"at {t} tokens"
+        model(ids[:, t:t + 1], cache=cache)
+    for dtype in ("bfloat16", "float32"):  # bf16 caches: bf16 residual and scales
+        config = kvlab.ModelConfig.from_dict({**QUANT_CASES[name], "dtype": dtype})
+        bf16 = build(config)
+        cache = bf16.new_cache(1)
+        bf16(ids[:1, :41], cache=cache)
+        assert kvlab.plan(config, context=41).total_bytes == cache.nbytes
+
+
+@torch.no_grad()
+def test_quantized_storage_is_smaller():
+    ids = torch.randint(0, 97, (1, 200))
+    sizes = {}
+    for kind in (None, "int8", "int4"):
+        model = build(_model([_full(kind, head_dim=32, kv_quant_group=32, kv_quant_residual=32)]))
+        _, cache = decode_stepwise(model, ids, [150])
+        sizes[kind] = cache.nbytes
+    # 160 of 200 tokens quantized: int8 codes + fp32 scales/zeros per 32 tokens, 40 fp32 tokens
+    assert sizes[None] == 2 * 2 * 32 * 200 * 4
+    assert sizes["int8"] == 2 * 2 * (160 * 32 + 2 * 5 * 32 * 4 + 40 * 32 * 4)  # K and V x 2 KV heads
+    assert sizes["int4"] < sizes["int8"] < sizes[None] / 2
+
+
+def _single_layer_codes(kind, chunks):
+    model = build(_model([_mla(kind)]))
+    ids = torch.randint(0, 97, (2, 45), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, cache = decode_stepwise(model, ids, chunks)
+    return {name: buf.view().clone() for name, buf in cache.layers[0].buffers.items()}
+
+
+def test_stored_codes_do_not_depend_on_chunking():
+    # one layer: its latent depends on the tokens only, so the flush policy alone decides the codes
+    for kind in ("int8", "int4"):
+        stepwise, chunked = _single_layer_codes(kind, [1]), _single_layer_codes(kind, [30, 7])
+        assert stepwise.keys() == chunked.keys()
+        for name in stepwise:
+            torch.testing.assert_close(stepwise[name], chunked[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("layer", [_full("int4", kv_quant_residual=64), _mla("int8", kv_quant_residual=64)])
+@torch.no_grad()
+def test_exact_while_every_token_is_in_the_residual(layer):
+    model = build(_model([layer, layer]))
+    ids = torch.randint(0, 97, (2, 60))
+    cached, cache = decode_stepwise(model, ids, [20])
+    torch.testing.assert_close(cached, model(ids), atol=2e-4, rtol=1e-4)
+    assert all(buf.view().shape[2] == 0 for name, buf in cache.layers[0].buffers.items() if "codes" in name)
+
+
+@pytest.mark.parametrize("kind,bound", [("int8", 0.02), ("int4", 0.3)])  # logits reach ~2
+@pytest.mark.parametrize("layer", ["full", "mla"])
+@torch.no_grad()
+def test_logit_drift_is_bounded(kind, bound, layer):
+    spec = _full(kind, kv_quant_residual=8) if layer == "full" else _mla(kind, kv_quant_residual=8)
+    model = build(_model([spec, spec]))
+    ids = torch.randint(0, 97, (2, 80), generator=torch.Generator().manual_seed(5))
+    cached, _ = decode_stepwise(model, ids, [16])
+    drift = (cached - model(ids)).abs().max().item()
+    assert 0 < drift < bound, drift
+
+
+@torch.no_grad()
+def test_select_and_reset_cover_quantized_buffers():
+    model = build(QUANT_CASES["mla_int4"])
+    ids = torch.randint(0, 97, (2, 40))
+    cache = model.new_cache(2)
+    model(ids, cache=cache)
+    before = {k: v.view().clone() for k, v in cache.layers[0].buffers.items()}
+    cache.select([1, 0])
+    for k, buf in cache.layers[0].buffers.items():
+        assert torch.equal(buf.view(), before[k].flip(0))
+    cache.reset()
+    assert cache.nbytes == 0
+
+
+@pytest.mark.parametrize("layer,message", [
+    (_full("int4", head_dim=15), "kv_quant: int4 packs two codes per byte; head_dim"),
+    (_full("int3"), "kv_quant: must be null, 'int8' or 'int4'"),
+    (_mla("int4", kv_lora_rank=31), "kv_quant: int4 packs two codes per byte; kv_lora_rank"),
+])
+def test_invalid_quantization_settings_name_the_field(layer, message):
+    with pytest.raises(kvlab.ConfigError, match=rf"layers\[0\]\.{message}"):
+        kvlab.ModelConfig.from_dict(_model([layer]))
+
+
+@torch.no_grad()
+def test_rows_are_isolated():
+    model = build(QUANT_CASES["gqa_int4_residual0"])
+    ids = torch.randint(0, 97, (2, 40))
+    other = ids.clone()
+    other[1] = (other[1] + 5) % 97
+    a, _ = decode_stepwise(model, ids, [10])
+    b, _ = decode_stepwise(model, other, [10])
+    torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gqa_int4_group_wider_than_head", "mla_int4"])
+def test_config_and_checkpoint_round_trip(name, tmp_path):
+    model = build(QUANT_CASES[name])
+    model.save(tmp_path / "ckpt")
+    loaded = kvlab.load(tmp_path / "ckpt").eval()
+    assert loaded.config.to_dict() == model.config.to_dict()
+    assert loaded.config.layers[0].kv_quant == QUANT_CASES[name]["layers"][0]["kv_quant"]
+    ids = torch.randint(0, 97, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(decode_stepwise(loaded, ids, [9])[0], decode_stepwise(model, ids, [9])[0],
+                                   atol=0, rtol=0)
