@@ -67,3 +67,40 @@ def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
     machine = ", ".join(f"{k}: {v}" for k, v in info.items())
     md_path.write_text(f"{markdown.rstrip()}\n\nMachine: {machine}\n")
     return json_path, md_path
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes on the machine have spent busy (from /proc/stat), or None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    busy = sum(ticks[:8]) - idle  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def guarded(fn: Callable[[], object], max_other_cores: float = 0.1, retries: int = 8) -> tuple[object, dict]:
+    """Run ``fn`` until no other process used more than ``max_other_cores`` cores on average while it ran
+    (``/proc/stat`` busy time minus this process's ``getrusage``), at most ``retries`` + 1 times. Returns
+    ``fn``'s last result and ``{"other_cores": load seen, "attempts": n, "quiet": bool}``: a noisy sample is
+    kept (and marked) when the machine never went quiet, so a busy machine still gives numbers."""
+    attempts, other = 0, float("nan")
+    while True:
+        attempts += 1
+        busy0, own0, t0 = _busy_seconds(), _own_seconds(), time.perf_counter()
+        result = fn()
+        wall = time.perf_counter() - t0
+        if busy0 is None:
+            return result, {"other_cores": None, "attempts": attempts, "quiet": True}
+        other = max((_busy_seconds() - busy0) - (_own_seconds() - own0), 0.0) / max(wall, 1e-9)
+        if other <= max_other_cores or attempts > retries:
+            return result, {"other_cores": round(other, 3), "attempts": attempts, "quiet": other <= max_other_cores}

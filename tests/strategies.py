@@ -22,7 +22,8 @@ def cca_layer(draw):
             "n_kv_heads": draw(st.sampled_from([d for d in (1, 2, 4) if n_heads % d == 0])),
             "head_dim": draw(st.sampled_from([8, 16])), "conv_depthwise": draw(st.integers(1, 3)),
             "conv_grouped": draw(st.integers(1, 3)), "qkv_bias": draw(st.booleans()),
-            "output_gate": draw(st.sampled_from([None, "head", "element"]))}
+            "output_gate": draw(st.sampled_from([None, "head", "element"])),
+            "window": draw(st.sampled_from([None, 3, 8]))}
 
 
 @st.composite
@@ -72,10 +73,25 @@ def mla_layer(draw, previous=(), quant=None):
     return layer
 
 
+
+@st.composite
+def sliding_layer(draw, previous=()):
+    """Sliding window (+ sinks, + sink logits); sometimes a consumer of an earlier full/sliding layer."""
+    layer = {**draw(full_layer()), "type": "sliding", "window": draw(st.integers(1, 12)),
+             "sinks": draw(st.sampled_from([0, 0, 2])), "sink_logits": draw(st.booleans())}
+    producers = [i for i, p in enumerate(previous) if p["type"] == "sliding" and p.get("kv_from") is None]
+    if producers and draw(st.booleans()):
+        src = draw(st.sampled_from(producers))
+        layer.update(kv_from=src, n_kv_heads=previous[src]["n_kv_heads"], head_dim=previous[src]["head_dim"],
+                     window=previous[src]["window"])
+        layer["n_heads"] = layer["n_kv_heads"] * draw(st.integers(1, 2))
+    return layer
+
 # name -> strategy producing one layer-spec dict (a layer may only reference earlier layers via
 # kv_from; strategies that need that get the list of earlier layers as ``previous``).
 LAYER_STRATEGIES = {
     "full": lambda previous: full_layer(),
+    "sliding": lambda previous: sliding_layer(previous),
     "full_quant": lambda previous: full_quant_layer(),
     "mla": lambda previous: mla_layer(previous),
     "cca": lambda previous: cca_layer(),

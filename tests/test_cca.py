@@ -31,6 +31,7 @@ CASES = {
                                               conv_grouped=1, output_gate="head"),
                                          {"type": "full", "n_heads": 4, "n_kv_heads": 2}], _seq=20),
     "mha_kernels_1_4": _model([_cca(4, 4, 8, conv_depthwise=1, conv_grouped=4)], _seq=20),
+    "sliding_window_6": _model([_cca(window=6), _cca(rope={"theta": 1e4, "partial": 0.5})], _seq=20),
 }
 
 
@@ -45,6 +46,11 @@ def test_cache_holds_kv_conv_and_delayed_value_states():
     assert tuple(layer.state["v_delayed"].shape) == (3, 2 * 16 // 2)
     per_row = 2 * 2 * 16 * 10 + 6 * 16 * 2 + 16
     assert layer.nbytes == 3 * per_row * 4
+    windowed = build({k: v for k, v in CASES["sliding_window_6"].items() if k != "_seq"})
+    cache = windowed.new_cache(1)
+    with torch.no_grad():
+        windowed(torch.zeros(1, 10, dtype=torch.long), cache=cache)
+    assert cache[0].nbytes == (2 * 2 * 16 * 6 + 6 * 16 * 2 + 16) * 4  # a ring of window = 6 tokens
 
 
 def test_spec_errors_name_the_field():
@@ -67,7 +73,8 @@ def hf_config(layer_types=("hybrid", "hybrid"), **extra):
 @pytest.mark.parametrize("bias", [False, True])
 def test_attention_module_parity_with_transformers(tmp_path, bias):
     torch.manual_seed(0)
-    reference = transformers.ZayaForCausalLM(hf_config(attention_bias=bias)).eval()
+    reference = transformers.ZayaForCausalLM(hf_config(("hybrid", "hybrid_sliding"), attention_bias=bias,
+                                                       sliding_window=8)).eval()
     noisy_(reference)
     with torch.no_grad():  # temp is initialised to 0 (keys vanish): give it a real value
         for layer in reference.model.layers:
@@ -81,11 +88,14 @@ def test_attention_module_parity_with_transformers(tmp_path, bias):
         module = build_attention(config, i).eval()
         module.load_state_dict(attention_state(state, i))
 
-        def hf_step(chunk, start, cache, attn=attn, layer_type=layer_type):
+        window = 8 if layer_type == "hybrid_sliding" else None
+        assert module.spec.window == window
+
+        def hf_step(chunk, start, cache, attn=attn, layer_type=layer_type, window=window):
             positions = torch.arange(start, start + chunk.shape[1])[None]
             cos_sin = reference.model.rotary_emb(chunk, positions, layer_type)
             assert chunk.shape[1] == 1 or start == 0
-            mask = additive_causal_mask(chunk.shape[1]) if chunk.shape[1] > 1 else None
+            mask = additive_causal_mask(chunk.shape[1], window) if chunk.shape[1] > 1 else None
             return attn(chunk, {"causal": mask, "conv": None}, cache, cos_sin)[0]
 
         check_module_parity(hf_step, lambda: transformers.DynamicCache(config=reference.config), module, x)

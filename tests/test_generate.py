@@ -144,3 +144,53 @@ def test_tensor_input_with_mask_equals_list_input(model):
     ids, mask = left_pad(batch)
     assert model.generate(ids, attention_mask=mask, max_new_tokens=6).tokens == \
         model.generate(batch, max_new_tokens=6).tokens
+
+
+def test_decode_uses_grouped_query_sdpa_without_expanding_kv(model, monkeypatch):
+    """At decode the G query heads of a KV head are folded into the query axis: SDPA sees q [B, Hkv, G, D]
+    against the un-expanded K/V, with no mask and no ``enable_gqa``."""
+    import torch.nn.functional as F
+
+    calls = []
+    original = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append((tuple(q.shape), tuple(k.shape), kwargs.get("attn_mask"), kwargs.get("enable_gqa", False)))
+        return original(q, k, v, *args, **kwargs)
+
+    cache = model.new_cache(1, max_length=16)
+    model(torch.arange(5)[None], cache=cache)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model(torch.tensor([[7]]), cache=cache)
+    head_dim = 32 // 4
+    assert [(q, k) for q, k, _, _ in calls] == [((1, 2, 2, head_dim), (1, 2, 6, head_dim)),
+                                               ((1, 1, 4, head_dim), (1, 1, 6, head_dim)),
+                                               ((1, 4, 1, head_dim), (1, 4, 6, head_dim))]
+    assert all(mask is None and not gqa for _, _, mask, gqa in calls)
+
+
+def test_hot_path_weights_are_column_major_and_checkpoints_are_not(model, tmp_path):
+    """Decode reads every weight once per token; kvlab stores the linears of attention, MLP and LM head as
+    [in, out]-contiguous (a faster GEMV on CPU) under the usual [out, in] names and shapes."""
+    from safetensors.torch import load_file
+
+    block = model.layers[0]
+    for linear in (block.self_attn.q_proj, block.self_attn.k_proj, block.mlp.down_proj, model.lm_head):
+        assert linear.weight.stride() == (1, linear.weight.shape[0])
+    model.save(tmp_path / "ckpt")
+    saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert saved["layers.0.self_attn.q_proj.weight"].is_contiguous()
+    loaded = kvlab.load(tmp_path / "ckpt")
+    assert loaded.layers[0].self_attn.q_proj.weight.stride(0) == 1
+    torch.testing.assert_close(loaded.layers[0].self_attn.q_proj.weight, block.self_attn.q_proj.weight)
+
+
+@torch.no_grad()
+def test_last_only_prefill_equals_full_logits(model):
+    ids = torch.randint(0, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    full = model(ids, attention_mask=mask)
+    last = model(ids, cache=model.new_cache(2), attention_mask=mask, last_only=True)
+    assert last.shape == (2, 1, 97)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)

@@ -121,3 +121,31 @@ def test_unsupported_family_names_it(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_layer": 2}')
     with pytest.raises(kvlab.UnsupportedError, match="'gpt2'"):
         kvlab.load(tmp_path)
+
+
+def test_truncated_hf_safetensors_fail_in_one_line(tmp_path, capsys):
+    from kvlab.cli import main
+
+    _, path = make_hf("llama", tmp_path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(kvlab.KvlabError, match="cannot read safetensors"):
+        kvlab.load(path)
+    capsys.readouterr()  # drop save_pretrained's progress bar
+    assert main(["generate", str(path), "--ids", "3,4"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cannot read safetensors" in err
+
+
+def test_bf16_hf_checkpoint_loads_in_fp32_or_bf16(tmp_path):
+    hf, path = make_hf("qwen3", tmp_path)
+    hf.to(torch.bfloat16).save_pretrained(path)
+    model = kvlab.load(path)
+    assert model.dtype == torch.float32
+    torch.testing.assert_close(model.layers[1].self_attn.k_norm.weight,
+                               hf.model.layers[1].self_attn.k_norm.weight.float(), atol=0, rtol=0)
+    ids = torch.randint(3, 160, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        torch.testing.assert_close(model(ids), reference(ids).logits, atol=ATOL, rtol=1e-4)
+    assert kvlab.load(path, dtype="bfloat16").dtype == torch.bfloat16

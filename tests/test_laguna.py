@@ -8,8 +8,11 @@ from matrix import *  # noqa: F401,F403
 
 import kvlab
 from kvlab.hf import config_from_hf
+from kvlab.registry import techniques
 
 transformers = pytest.importorskip("transformers")
+HAS_SLIDING = getattr(techniques().get("sliding"), "module_cls", None) is not None
+needs_sliding = pytest.mark.skipif(not HAS_SLIDING, reason="the 'sliding' technique is not available")
 
 YARN = {"theta": 500000.0, "partial": 0.5, "max_position": 2048,
         "scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
@@ -31,7 +34,12 @@ CASES = {
                                              _layer(2, "element")]),
 }
 
+if HAS_SLIDING:
+    CASES["sliding_layers_gated"] = _model([_layer(4, rope=YARN), _layer(8, type="sliding", window=6),
+                                            _layer(2, "element", type="sliding", window=6)], _seq=20)
+
 LAYER_TYPES = ["full_attention", "full_attention", "full_attention"]
+MIXED_TYPES = ["full_attention", "sliding_attention", "sliding_attention"]
 
 
 def hf_config(layer_types=LAYER_TYPES, heads=(4, 8, 2), gating="per-element", **extra):
@@ -56,9 +64,11 @@ def hf_pair(tmp_path, **kwargs):
     return reference, kvlab.load(tmp_path / "hf").eval()
 
 
+@pytest.mark.parametrize("layer_types", [LAYER_TYPES, pytest.param(MIXED_TYPES, marks=needs_sliding)],
+                         ids=["full", "sliding"])
 @pytest.mark.parametrize("gating", ["per-element", "per-head"])
-def test_full_model_parity_with_transformers(tmp_path, gating):
-    reference, model = hf_pair(tmp_path, gating=gating)
+def test_full_model_parity_with_transformers(tmp_path, gating, layer_types):
+    reference, model = hf_pair(tmp_path, gating=gating, layer_types=layer_types)
     ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = reference(ids).logits
@@ -69,8 +79,10 @@ def test_full_model_parity_with_transformers(tmp_path, gating):
         torch.testing.assert_close(torch.cat(outs, 1), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_attention_module_parity_with_transformers(tmp_path):
-    reference, model = hf_pair(tmp_path)
+@pytest.mark.parametrize("layer_types", [LAYER_TYPES, pytest.param(MIXED_TYPES, marks=needs_sliding)],
+                         ids=["full", "sliding"])
+def test_attention_module_parity_with_transformers(tmp_path, layer_types):
+    reference, model = hf_pair(tmp_path, layer_types=layer_types)
     x = torch.randn(2, 39, 64, generator=torch.Generator().manual_seed(4))
     for i, layer_type in enumerate(reference.config.layer_types):
         attn = reference.model.layers[i].self_attn
@@ -123,3 +135,11 @@ def test_mixture_of_experts_checkpoint_is_unsupported(tmp_path):
     transformers.LagunaForCausalLM(config).save_pretrained(tmp_path / "moe")
     with pytest.raises(kvlab.UnsupportedError, match="mixture-of-experts"):
         kvlab.load(tmp_path / "moe")
+
+
+@needs_sliding
+def test_reader_maps_sliding_layers_to_the_sliding_technique():
+    config = config_from_hf(_hf_dict(layer_types=MIXED_TYPES))
+    assert [spec.type for spec in config.layers] == ["full", "sliding", "sliding"]
+    assert config.layers[1].window == 8 and config.layers[1].output_gate == "element"
+    assert (config.layers[1].rope.theta, config.layers[1].rope.partial) == (1e4, 1.0)

@@ -3,8 +3,11 @@ from the public configs (bf16, batch 1)."""
 
 import json
 
+import pytest
+
 import kvlab
 from kvlab.cli import main
+from kvlab.registry import techniques
 
 
 def _plan_json(capsys, *argv):
@@ -20,3 +23,17 @@ def test_zaya1_8b_preset(capsys):
         assert result["total_bytes"] == 40 * (1024 * tokens + 5376)
     assert results[0]["total_bytes"] == 42_158_080
     assert {layer.type for layer in kvlab.plan("zaya1-8b").layers} == {"cca"}
+
+
+@pytest.mark.skipif(getattr(techniques().get("sliding"), "module_cls", None) is None,
+                    reason="the 'sliding' technique is not available")
+def test_laguna_xs2_preset(capsys):
+    # every layer: K and V, 8 KV heads x 128, bf16 -> 4096 B/token; 10 full layers grow forever, the 30
+    # sliding layers (window 512) stop growing once the window is full
+    small, long, longer = _plan_json(capsys, "--preset", "laguna-xs.2", "--context", "256,4K,8K")
+    assert small["total_bytes"] == 40 * 4096 * 256
+    assert longer["total_bytes"] - long["total_bytes"] == 10 * 4096 * 4096
+    layers = kvlab.plan("laguna-xs.2", context=8192, dtype="bf16").layers
+    assert [layer.type for layer in layers[:4]] == ["full", "sliding", "sliding", "sliding"]
+    assert sum(layer.type == "full" for layer in layers) == 10
+    assert all(layer.cache_bytes == 4096 * 8192 for layer in layers if layer.type == "full")

@@ -257,6 +257,10 @@ class ModelConfig:
                               f"point at the producer ({producer.kv_from})")
         if producer.type != spec.type and not getattr(spec, "accepts_kv_from", lambda p: False)(producer):
             raise ConfigError(f"{where}: layer {src} is '{producer.type}' but this layer is '{spec.type}'")
+        if hasattr(spec, "window") and getattr(spec, "window", None) != getattr(producer, "window", None):
+            raise ConfigError(f"{where}: a consumer attends to its producer's keys; its window "
+                              f"({getattr(spec, 'window', None)}) must equal layer {src}'s "
+                              f"({getattr(producer, 'window', None)})")
         mine, theirs = spec.resolved(self), producer.resolved(self)
         if (mine.n_kv_heads, mine.head_dim) != (theirs.n_kv_heads, theirs.head_dim):
             raise ConfigError(f"{where}: layer {src} has {theirs.n_kv_heads} KV heads of dim "

@@ -97,7 +97,7 @@ def generate(model, input_ids, max_new_tokens: int = 32, *, attention_mask: torc
     out: list[torch.Tensor] = []
 
     t0 = time.perf_counter()
-    logits = model(input_ids, cache=cache, attention_mask=attention_mask)[:, -1]
+    logits = model(input_ids, cache=cache, attention_mask=attention_mask, last_only=True)[:, -1]
     prefill_seconds = time.perf_counter() - t0
     peak = cache.nbytes
     t1 = time.perf_counter()

@@ -16,6 +16,8 @@ ACTIVATIONS = {
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)); names match Hugging Face's (gate_proj, up_proj, down_proj)."""
 
+    COLUMN_MAJOR = ("gate_proj", "up_proj", "down_proj")  # weight layout for fast decode (model.py)
+
     def __init__(self, d_model: int, hidden: int, act: str = "silu", bias: bool = False):
         super().__init__()
         self.gate_proj = nn.Linear(d_model, hidden, bias=bias)

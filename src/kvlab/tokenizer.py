@@ -43,3 +43,45 @@ def load_tokenizer(folder: str | Path, vocab_size: int | None = None):
 
         raise KvlabError(f"{folder}: no tokenizer.json and vocab {vocab_size} < 256; use --ids")
     return ByteTokenizer()
+
+
+def default_cache_dir() -> Path:
+    """``$KVLAB_CACHE`` or ``$XDG_CACHE_HOME/kvlab`` (``~/.cache/kvlab``)."""
+    import os
+
+    if os.environ.get("KVLAB_CACHE"):
+        return Path(os.environ["KVLAB_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvlab"
+
+
+def train_bpe(texts: list[str], vocab_size: int = 8192, cache_dir: str | Path | None = None) -> JsonTokenizer:
+    """A byte-level BPE trained on ``texts`` with ``tokenizers``; cached on disk under a key made of the
+    texts' hash and ``vocab_size``, so a second call with the same corpus loads instead of training."""
+    import hashlib
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from kvlab.checkpoint import atomic_write
+    from kvlab.errors import KvlabError
+
+    if vocab_size < 257:
+        raise KvlabError(f"bpe vocab_size: must be > 256 (the byte alphabet), got {vocab_size}")
+    digest = hashlib.sha256(f"bpe-v1:{vocab_size}".encode())
+    for text in texts:
+        digest.update(text.encode("utf-8", errors="replace"))
+        digest.update(b"\0")
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "tokenizers"
+    path = folder / f"bpe-{vocab_size}-{digest.hexdigest()[:20]}.json"
+    if path.exists():
+        return JsonTokenizer(path)
+    if not any(t.strip() for t in texts):
+        raise KvlabError("bpe: no text to train on")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tokenizer.save(tmp))
+    return JsonTokenizer(path)

@@ -11,7 +11,9 @@ sqrt(d), k is scaled by a learned per-KV-head temperature, RoPE (usually partial
 Cache: K and V ``[B, n_kv, T, d]`` (post conv/norm/RoPE), the raw q|k projections of the last
 ``(conv_depthwise - 1) + (conv_grouped - 1)`` tokens ``[B, C, K]`` and the previous token's delayed value
 projection ``[B, n_kv * d / 2]``.
-Planner: 2*B*n_kv*d*T*b + B*C*K*b + B*(n_kv*d/2)*b (the fixed states are allocated with the cache).
+With ``window`` W (ZAYA's "hybrid_sliding" layers) K/V live in the sliding technique's ring of W slots.
+Planner: 2*B*n_kv*d*T'*b + B*C*K*b + B*(n_kv*d/2)*b with T' = T or min(T, W - 1) (the fixed states are
+allocated with the cache).
 Left padding: padded steps' projections are zeroed, which is exactly the zero history of an unpadded row.
 """
 
@@ -30,7 +32,8 @@ from kvlab.attention._common import (
     grouped_sdpa,
     output_gate_proj,
 )
-from kvlab.attention.full import KVCacheLayer
+from kvlab.attention.full import FullAttention, KVCacheLayer
+from kvlab.attention.sliding import SlidingAttention, WindowKVCacheLayer
 from kvlab.cache.base import CacheLayer
 from kvlab.config import ConfigError, LayerSpec, _check_positive
 from kvlab.registry import register_module, register_spec
@@ -43,6 +46,7 @@ class CCASpec(LayerSpec):
 
     conv_depthwise: int = 2  # kernel of the depthwise conv over time (ZAYA's cca_time0)
     conv_grouped: int = 2  # kernel of the per-head grouped conv over time (cca_time1)
+    window: int | None = None  # ZAYA's "hybrid_sliding": a query sees the last `window` steps (itself included)
 
     @property
     def conv_context(self) -> int:
@@ -51,9 +55,12 @@ class CCASpec(LayerSpec):
 
     def validate(self, where: str) -> None:
         super().validate(where)
-        _check_positive(where, conv_depthwise=self.conv_depthwise, conv_grouped=self.conv_grouped)
+        _check_positive(where, conv_depthwise=self.conv_depthwise, conv_grouped=self.conv_grouped,
+                        window=self.window)
         if self.kv_from is not None:
             raise ConfigError(f"{where}kv_from: a 'cca' layer computes its own keys (its conv state is per layer)")
+        if self.kv_quant:
+            raise ConfigError(f"{where}kv_quant: not supported for 'cca' layers")
         if self.qk_norm:
             raise ConfigError(f"{where}qk_norm: 'cca' always L2-normalises q/k (with a key temperature); "
                               "leave qk_norm false")
@@ -67,12 +74,29 @@ class CCASpec(LayerSpec):
         channels = (self.n_heads + self.n_kv_heads) * self.head_dim
         return channels * self.conv_context + self.n_kv_heads * self.head_dim // 2
 
+    def cached_tokens(self, tokens: int) -> int:
+        """K/V tokens held after ``tokens`` steps: all, or the last ``window`` (the sliding ring)."""
+        return tokens if self.window is None else min(tokens, self.window)
+
+    def attended_pairs(self, seq_len: int) -> int:
+        if self.window is None or seq_len <= self.window:
+            return super().attended_pairs(seq_len)
+        return super().attended_pairs(self.window) + (seq_len - self.window) * self.window
+
     def cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
-        kv = 2 * self.n_kv_heads * self.head_dim * tokens
+        kv = 2 * self.n_kv_heads * self.head_dim * self.cached_tokens(tokens)
         return batch * (kv + self.state_elements()) * elem_bytes
 
     def label(self) -> str:
-        return f"CCA-{self.n_heads}/{self.n_kv_heads}"
+        window = "" if self.window is None else f"-W{self.window}"
+        return f"CCA-{self.n_heads}/{self.n_kv_heads}{window}"
+
+
+def _add_states(layer: CacheLayer, batch: int, spec: CCASpec, dtype: torch.dtype, device) -> None:
+    channels = (spec.n_heads + spec.n_kv_heads) * spec.head_dim
+    layer.state["conv"] = torch.zeros(batch, channels, spec.conv_context, dtype=dtype, device=device)
+    layer.state["v_delayed"] = torch.zeros(batch, spec.n_kv_heads * spec.head_dim // 2, dtype=dtype,
+                                           device=device)
 
 
 class CCACacheLayer(KVCacheLayer):
@@ -80,10 +104,19 @@ class CCACacheLayer(KVCacheLayer):
 
     def __init__(self, batch: int, spec: CCASpec, dtype: torch.dtype, device=None):
         super().__init__(batch, spec.n_kv_heads, spec.head_dim, dtype, device)
-        channels = (spec.n_heads + spec.n_kv_heads) * spec.head_dim
-        self.state["conv"] = torch.zeros(batch, channels, spec.conv_context, dtype=dtype, device=device)
-        self.state["v_delayed"] = torch.zeros(batch, spec.n_kv_heads * spec.head_dim // 2, dtype=dtype,
-                                              device=device)
+        _add_states(self, batch, spec, dtype, device)
+
+
+class WindowCCACacheLayer(WindowKVCacheLayer):
+    """The sliding technique's ring of the last ``window`` K/V plus the fixed conv and delayed-value
+    states (held, and counted, from the start like ``CCACacheLayer``'s)."""
+
+    def __init__(self, batch: int, spec: CCASpec, dtype: torch.dtype, device=None):
+        super().__init__(batch, spec.n_kv_heads, spec.head_dim, spec.window, 0, dtype, device)
+        _add_states(self, batch, spec, dtype, device)
+
+    def live_tensors(self) -> list[torch.Tensor]:
+        return super().live_tensors() if self.length else list(self.state.values())
 
 
 @register_module("cca")
@@ -93,8 +126,6 @@ class CCAttention(nn.Module):
 
     def __init__(self, spec: CCASpec, cfg, layer_idx: int):
         super().__init__()
-        if spec.kv_quant:
-            raise ConfigError(f"layers[{layer_idx}].kv_quant: quantized caches are not available for 'cca'")
         self.spec, self.layer_idx = spec, layer_idx
         h, kv, hd, d = spec.n_heads, spec.n_kv_heads, spec.head_dim, cfg.d_model
         self.n_heads, self.n_kv_heads, self.head_dim = h, kv, hd
@@ -111,8 +142,11 @@ class CCAttention(nn.Module):
         self.g_proj = output_gate_proj(spec, d)
         self.rotary = get_rotary(spec.rope, hd)
         self.scale = spec.softmax_scale
+        self.window, self.sinks = spec.window, 0  # what the sliding technique's keys_values reads
 
     def new_cache_layer(self, batch: int, dtype: torch.dtype, device, built: list[CacheLayer]) -> CacheLayer:
+        if self.spec.window is not None:
+            return WindowCCACacheLayer(batch, self.spec, dtype, device)
         return CCACacheLayer(batch, self.spec, dtype, device)
 
     def _project(self, x: torch.Tensor, ctx: ForwardContext, cache: CacheLayer | None):
@@ -160,11 +194,10 @@ class CCAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, S, D]
         cos, sin = ctx.cos_sin(self.rotary, q.dtype)
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
-        if cache is not None:
-            k, v = cache.append(k, v)  # all T keys / values
-        kv_len = k.shape[2]
-        mask = ctx.mask(torch.arange(kv_len, device=x.device), memo_key=("full", kv_len)) \
-            if ctx.needs_mask(kv_len) else None
+        if self.spec.window is not None:  # the sliding technique's ring buffer and window mask
+            k, v, mask = SlidingAttention.keys_values(self, k, v, ctx, cache)
+        else:
+            k, v, mask = FullAttention.keys_values(self, k, v, ctx, cache)
         out = grouped_sdpa(q, k, v, mask, causal=True, scale=self.scale)  # [B, H, S, D]
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
         return self.o_proj(apply_output_gate(self.g_proj, x, out, self.n_heads))

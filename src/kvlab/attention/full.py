@@ -34,6 +34,10 @@ class FullSpec(LayerSpec):
         kv = self.n_kv_heads or self.n_heads
         return "MHA" if kv == self.n_heads else ("MQA" if kv == 1 else f"GQA-{self.n_heads // kv}")
 
+    def accepts_kv_from(self, producer: LayerSpec) -> bool:
+        """Full and sliding layers may read each other's K/V (a consumer sees the producer's keys and mask)."""
+        return isinstance(producer, FullSpec)
+
 class KVCacheLayer(CacheLayer):
     """Keys and values of every past token, ``[B, n_kv_heads, T, head_dim]`` each."""
 
@@ -55,6 +59,8 @@ class KVCacheLayer(CacheLayer):
 class FullAttention(nn.Module):
     """q/k/v projections (optional bias, optional per-head q/k RMSNorm), RoPE, grouped SDPA, o_proj.
     A layer with ``kv_from`` has no k/v projections: it reads the producer's keys and values."""
+
+    COLUMN_MAJOR = ("q_proj", "k_proj", "v_proj", "o_proj")  # weight layout for fast decode (model.py)
 
     def __init__(self, spec: FullSpec, cfg, layer_idx: int):
         super().__init__()
@@ -86,25 +92,40 @@ class FullAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cache: CacheLayer | None) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
+        q, k, v = self.project(x, ctx)
+        if self.owns_kv:
+            k, v, mask = self.keys_values(k, v, ctx, cache)
+            ctx.shared[self.layer_idx] = (k, v, mask)  # consumers attend to the same keys, same mask
+        else:
+            k, v, mask = ctx.shared[self.spec.kv_from]
+        out = self.attend(q, k, v, mask)  # [B, H, S, Dv]
+        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
+        return self.o_proj(apply_output_gate(self.g_proj, x, out, self.n_heads))
+
+    def project(self, x: torch.Tensor, ctx: ForwardContext):
+        """Rotated ``q [B, H, S, D]`` and, for a producer, rotated ``k`` and ``v [B, Hkv, S, D]``."""
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         if self.spec.qk_norm:
             q = self.q_norm(q)
         cos, sin = ctx.cos_sin(self.rotary, q.dtype)
         q = self.rotary.apply(q, cos, sin)
-        if self.owns_kv:
-            k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B,Hkv,S,D]
-            v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            if self.spec.qk_norm:
-                k = self.k_norm(k)
-            k = self.rotary.apply(k, cos, sin)
-            if cache is not None:
-                k, v = cache.append(k, v)  # views of all T keys/values
-            ctx.shared[self.layer_idx] = (k, v)
-        else:
-            k, v = ctx.shared[self.spec.kv_from]
+        if not self.owns_kv:
+            return q, None, None
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.spec.qk_norm:
+            k = self.k_norm(k)
+        return q, self.rotary.apply(k, cos, sin), v
+
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, cache: CacheLayer | None):
+        """Keys/values the new queries attend to (cache extended in place) and their mask (None: causal)."""
+        if cache is not None:
+            k, v = cache.append(k, v)  # views of all T keys/values
         kv_len = k.shape[2]
-        mask = ctx.mask(torch.arange(kv_len, device=x.device), memo_key=("full", kv_len)) \
+        mask = ctx.mask(torch.arange(kv_len, device=k.device), memo_key=("full", kv_len)) \
             if ctx.needs_mask(kv_len) else None
-        out = grouped_sdpa(q, k, v, mask, causal=True, scale=self.scale)  # [B, H, S, D]
-        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
-        return self.o_proj(apply_output_gate(self.g_proj, x, out, self.n_heads))
+        return k, v, mask
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return grouped_sdpa(q, k, v, mask, causal=True, scale=self.scale)

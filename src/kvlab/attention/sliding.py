@@ -1,0 +1,213 @@
+"""Sliding-window attention with optional sink tokens and learned sink logits.
+
+A query at step ``t`` sees the last ``window`` steps ``(t - window, t]`` (itself included, Hugging Face's
+convention) plus, with ``sinks = S``, the first ``S`` real tokens of its row forever (StreamingLLM's
+attention sinks). ``sink_logits`` adds a learned per-head logit to the softmax denominator (GPT-OSS):
+attention may put weight on "nothing".
+
+Cache: a ring buffer of ``window`` slots per K and V (step ``s`` lives in slot ``s % window``; keys are
+stored after RoPE, so wrap-around needs no re-rotation) plus ``sinks`` slots for the sink tokens.
+Bytes stop growing once the context passes ``window``:
+``2 * B * n_kv_heads * head_dim * (min(T, window) + sinks) * bytes`` (sinks only once T > 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kvlab.attention._common import ForwardContext
+from kvlab.attention.full import FullAttention, FullSpec
+from kvlab.cache.base import CacheLayer, SharedCacheLayer
+from kvlab.errors import ConfigError
+from kvlab.registry import register_module, register_spec
+
+
+@register_spec("sliding", aliases=("sliding_attention", "swa", "window"))
+@dataclass(kw_only=True)
+class SlidingSpec(FullSpec):
+    window: int
+    sinks: int = 0  # first real tokens kept visible forever
+    sink_logits: bool = False  # learned per-head softmax sink
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ConfigError(f"{where}window: must be a positive integer, got {self.window!r}")
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ConfigError(f"{where}sinks: must be an integer >= 0, got {self.sinks!r}")
+        if self.kv_quant:
+            raise ConfigError(f"{where}kv_quant: not supported on sliding layers (the window is already bounded)")
+
+    def cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
+        if self.kv_from is not None or tokens == 0:
+            return 0
+        slots = min(tokens, self.window) + self.sinks
+        return 2 * batch * self.n_kv_heads * self.head_dim * slots * elem_bytes
+
+    def attended_pairs(self, seq_len: int) -> int:
+        """sum over queries p of min(p + 1, W) window keys, plus the sinks that lie outside the window."""
+        w, n = self.window, seq_len
+        in_window = n * (n + 1) // 2 if n <= w else w * (w + 1) // 2 + (n - w) * w
+        m, k = max(n - w, 0), self.sinks  # m queries no longer see the first tokens; sum_i min(k, i)
+        extra_sinks = m * (m + 1) // 2 if m <= k else k * (k + 1) // 2 + (m - k) * k
+        return in_window + extra_sinks
+
+    def label(self) -> str:
+        base = f"SWA-{self.window}"
+        if self.sinks:
+            base += f"+{self.sinks}sink"
+        kv = self.n_kv_heads or self.n_heads
+        return base if kv == self.n_heads else f"{base} {super().label()}"
+
+
+class WindowKVCacheLayer(CacheLayer):
+    """Ring buffer of the last ``window`` steps' K/V plus ``sinks`` sink slots per row.
+
+    ``key_steps()`` tells which step each ring slot holds (slot ``i`` holds the latest step ``s`` with
+    ``s % window == i``; never-written slots get a step far in the past, which every mask rejects).
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, window: int, sinks: int,
+                 dtype: torch.dtype, device=None):
+        super().__init__()
+        self.window, self.sinks = window, sinks
+        shape = (batch, kv_heads, window, head_dim)
+        self.ring_k = torch.zeros(shape, dtype=dtype, device=device)
+        self.ring_v = torch.zeros(shape, dtype=dtype, device=device)
+        if sinks:
+            self.state["sink_k"] = torch.zeros(batch, kv_heads, sinks, head_dim, dtype=dtype, device=device)
+            self.state["sink_v"] = torch.zeros_like(self.state["sink_k"])
+
+    def live_tensors(self) -> list[torch.Tensor]:
+        if self.length == 0:
+            return []
+        filled = min(self.length, self.window)
+        return [self.ring_k[:, :, :filled], self.ring_v[:, :, :filled]] + list(self.state.values())
+
+    @property
+    def reserved_nbytes(self) -> int:
+        return self.ring_k.nbytes + self.ring_v.nbytes + sum(t.nbytes for t in self.state.values())
+
+    def reserve(self, total: int) -> None:
+        pass  # fixed size
+
+    def select(self, rows: torch.Tensor) -> None:
+        super().select(rows)
+        self.ring_k = self.ring_k.index_select(0, rows.to(self.ring_k.device))
+        self.ring_v = self.ring_v.index_select(0, rows.to(self.ring_v.device))
+
+    def key_steps(self) -> torch.Tensor:
+        """Step held by each ring slot ``[window]`` (``-2**40`` for empty slots)."""
+        slots = torch.arange(self.window, device=self.ring_k.device)
+        last = self.length - 1
+        steps = slots + self.window * torch.div(last - slots, self.window, rounding_mode="floor")
+        return torch.where(steps >= 0, steps, torch.full_like(steps, -(2**40)))
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, start: int, pad_offset: torch.Tensor | None) -> None:
+        """Store the new steps ``start .. start+S-1`` (ring: only the last ``window``; sinks: the tokens
+        whose index among their row's real tokens is below ``sinks``)."""
+        seq = k.shape[2]
+        if self.sinks and start < self.sinks + (0 if pad_offset is None else int(pad_offset.max())):
+            self._write_sinks(k, v, start, pad_offset)
+        keep = min(seq, self.window)
+        steps = torch.arange(start + seq - keep, start + seq, device=k.device)
+        slots = steps % self.window
+        self.ring_k[:, :, slots] = k[:, :, seq - keep:]
+        self.ring_v[:, :, slots] = v[:, :, seq - keep:]
+        self.length = start + seq
+
+    def _write_sinks(self, k, v, start, pad_offset):
+        seq = k.shape[2]
+        for row in range(k.shape[0]):
+            pad = 0 if pad_offset is None else int(pad_offset[row])
+            first, last = max(start, pad), min(start + seq, pad + self.sinks)  # steps that are sinks
+            if first < last:
+                self.state["sink_k"][row, :, first - pad:last - pad] = k[row, :, first - start:last - start]
+                self.state["sink_v"][row, :, first - pad:last - pad] = v[row, :, first - start:last - start]
+
+
+def window_mask(ctx: ForwardContext, key_steps: torch.Tensor, window: int, sinks: int,
+                cached_before: int) -> torch.Tensor:
+    """Mask ``[B|1, 1, S, T]`` for window (+ sink) keys at ``key_steps [T]``. Keys that are sinks and
+    were cached before this forward (``step < cached_before``) live in the sink slots, so they are
+    excluded here to avoid counting them twice."""
+    q = ctx.query_steps[None, :, None]  # [1, S, 1]
+    k = key_steps[None, None, :]  # [1, 1, T]
+    pad = 0 if ctx.pad_offset is None else ctx.pad_offset[:, None, None]  # [B, 1, 1]
+    allowed = (k <= q) & (k > q - window)
+    if sinks:
+        is_sink = (k - pad >= 0) & (k - pad < sinks)
+        allowed = ((k <= q) & ((k > q - window) | is_sink)) & ~(is_sink & (k < cached_before))
+    if ctx.pad_offset is not None:
+        allowed = (allowed & (k >= pad)) | (k == q)  # a padded query sees itself only
+    return allowed.unsqueeze(1)
+
+
+def sink_slot_mask(ctx: ForwardContext, sinks: int, cached_before: int) -> torch.Tensor:
+    """Mask ``[B|1, 1, S, sinks]`` for the sink slots: slot ``j`` of row ``b`` holds step ``pad_b + j``,
+    valid once cached (``step < cached_before``); padded queries see no sink."""
+    j = torch.arange(sinks, device=ctx.query_steps.device)
+    pad = torch.zeros(1, dtype=torch.long, device=j.device) if ctx.pad_offset is None else ctx.pad_offset
+    steps = pad[:, None] + j[None, :]  # [B, sinks]
+    valid = (steps < cached_before)[:, None, :]  # [B, 1, sinks]
+    real_query = ctx.query_steps[None, :, None] >= pad[:, None, None]  # [B, S, 1]
+    return (valid & real_query).unsqueeze(1)
+
+
+@register_module("sliding")
+class SlidingAttention(FullAttention):
+    """Full attention's projections, keys limited to a window (+ sinks), ring-buffer cache."""
+
+    def __init__(self, spec: SlidingSpec, cfg, layer_idx: int):
+        super().__init__(spec, cfg, layer_idx)
+        self.window, self.sinks = spec.window, spec.sinks
+        if spec.sink_logits:
+            self.sink_logit = nn.Parameter(torch.zeros(spec.n_heads))
+
+    def new_cache_layer(self, batch: int, dtype: torch.dtype, device, built: list[CacheLayer]) -> CacheLayer:
+        if not self.owns_kv:
+            return SharedCacheLayer(built[self.spec.kv_from])
+        return WindowKVCacheLayer(batch, self.n_kv_heads, self.head_dim, self.window, self.sinks, dtype, device)
+
+    def keys_values(self, k, v, ctx: ForwardContext, cache):
+        if cache is None:  # full sequence: keys are the new tokens themselves
+            steps = ctx.query_steps
+            return k, v, window_mask(ctx, steps, self.window, self.sinks, cached_before=ctx.start)
+        start = ctx.start
+        if ctx.seq_len == 1 and not self.sinks:  # decode: write, then attend over the ring
+            cache.write(k, v, start, ctx.pad_offset)
+            if ctx.pad_offset is None and cache.length >= self.window:
+                return cache.ring_k, cache.ring_v, None  # every slot is in the window
+            return cache.ring_k, cache.ring_v, window_mask(ctx, cache.key_steps(), self.window, 0, start)
+        ring_steps = cache.key_steps() if cache.length else cache.key_steps()[:0]
+        keys = [cache.ring_k[:, :, : len(ring_steps)], k]
+        values = [cache.ring_v[:, :, : len(ring_steps)], v]
+        masks = [window_mask(ctx, torch.cat([ring_steps, ctx.query_steps]), self.window, self.sinks, start)]
+        if self.sinks:
+            keys.insert(0, cache.state["sink_k"])
+            values.insert(0, cache.state["sink_v"])
+            slot_mask = sink_slot_mask(ctx, self.sinks, start)
+            masks.insert(0, slot_mask.expand(masks[-1].shape[0], -1, -1, -1) if slot_mask.shape[0] == 1
+                         else slot_mask)
+            masks[-1] = masks[-1].expand(masks[0].shape[0], -1, -1, -1)
+        mask = torch.cat(masks, dim=-1)
+        k_all, v_all = torch.cat(keys, dim=2), torch.cat(values, dim=2)
+        cache.write(k, v, start, ctx.pad_offset)
+        return k_all, v_all, mask
+
+    def attend(self, q, k, v, mask):
+        if not self.spec.sink_logits:
+            return super().attend(q, k, v, mask)
+        # softmax over [scores, sink]: the sink takes probability mass but contributes no value
+        group = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+        scores = (q @ k.transpose(-1, -2)).float() * scale  # [B, H, S, T]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        sink = self.sink_logit.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
+        return (probs.to(v.dtype) @ v)

@@ -1,0 +1,1 @@
+"""Training data: corpora, tokenised streams and synthetic tasks."""

@@ -1,0 +1,1 @@
+"""Training loop (single process or torchrun data-parallel)."""
