@@ -75,6 +75,24 @@ def mla_layer(draw, previous=(), quant=None):
 
 
 @st.composite
+def block_sparse_layer(draw):
+    """Longformer / BigBird: random block size, local/global/random block counts and seed."""
+    return {**draw(full_layer()), "type": "block_sparse", "block": draw(st.integers(1, 6)),
+            "local_blocks": draw(st.integers(1, 3)), "global_blocks": draw(st.integers(0, 2)),
+            "random_blocks": draw(st.sampled_from([0, 0, 1, 2])), "seed": draw(st.integers(0, 5))}
+
+
+@st.composite
+def gated_deltanet_layer(draw):
+    """Gated DeltaNet: key/value head layout, value head dim, conv kernel and chunk length."""
+    n_heads = draw(st.sampled_from([2, 4]))
+    return {"type": "gated_deltanet", "n_heads": n_heads,
+            "n_kv_heads": draw(st.sampled_from([d for d in (1, 2, 4) if n_heads % d == 0])),
+            "head_dim": draw(st.sampled_from([4, 8])), "value_head_dim": draw(st.sampled_from([None, 6])),
+            "conv_kernel": draw(st.integers(1, 4)), "chunk": draw(st.sampled_from([3, 8, 64]))}
+
+
+@st.composite
 def sliding_layer(draw, previous=()):
     """Sliding window (+ sinks, + sink logits); sometimes a consumer of an earlier full/sliding layer."""
     layer = {**draw(full_layer()), "type": "sliding", "window": draw(st.integers(1, 12)),
@@ -87,17 +105,35 @@ def sliding_layer(draw, previous=()):
         layer["n_heads"] = layer["n_kv_heads"] * draw(st.integers(1, 2))
     return layer
 
+
+@st.composite
+def shared_layer(draw, previous=()):
+    """Cross-layer sharing: a full layer reading an earlier (unquantized) full or sliding producer's K/V,
+    with its own query-head count and q/k norm; a plain full layer when there is no producer yet."""
+    producers = [i for i, p in enumerate(previous) if p["type"] in ("full", "sliding")
+                 and p.get("kv_from") is None and not p.get("kv_quant")]
+    if not producers:
+        return draw(full_layer())
+    src = draw(st.sampled_from(producers))
+    n_kv = previous[src]["n_kv_heads"]
+    return {"type": "full", "kv_from": src, "n_kv_heads": n_kv, "head_dim": previous[src]["head_dim"],
+            "n_heads": n_kv * draw(st.integers(1, 3)), "qk_norm": draw(st.booleans())}
+
+
 # name -> strategy producing one layer-spec dict (a layer may only reference earlier layers via
 # kv_from; strategies that need that get the list of earlier layers as ``previous``).
 LAYER_STRATEGIES = {
     "full": lambda previous: full_layer(),
     "sliding": lambda previous: sliding_layer(previous),
+    "shared": lambda previous: shared_layer(previous),
     "full_quant": lambda previous: full_quant_layer(),
     "mla": lambda previous: mla_layer(previous),
     "cca": lambda previous: cca_layer(),
     "csa": lambda previous: v4_layer("csa"),
     "hca": lambda previous: v4_layer("hca"),
     "v4_sliding": lambda previous: v4_layer("v4_sliding"),
+    "block_sparse": lambda previous: block_sparse_layer(),
+    "gated_deltanet": lambda previous: gated_deltanet_layer(),
 }
 
 

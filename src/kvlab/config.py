@@ -93,6 +93,7 @@ class LayerSpec:
     """
 
     type: ClassVar[str] = "base"
+    supports_value_options: ClassVar[bool] = False  # the module implements v_norm and k_eq_v
     n_heads: int
     n_kv_heads: int | None = None  # None -> n_heads (MHA)
     head_dim: int | None = None  # None -> d_model // n_heads
@@ -107,6 +108,8 @@ class LayerSpec:
     kv_quant_residual: int = 32  # most recent tokens kept in full precision
     mlp_hidden: int | None = None  # None -> the model's mlp_hidden
     output_gate: str | None = None  # None | "head" | "element": softplus gate from the layer input
+    v_norm: bool = False  # RMSNorm without weight on values (Gemma 4)
+    k_eq_v: bool = False  # no v_proj: values are the raw key projection (then v_norm); Gemma 4 full layers
 
     def validate(self, where: str) -> None:
         """Check the spec; ``where`` prefixes messages (``layers[i].``). Subclasses extend."""
@@ -127,6 +130,11 @@ class LayerSpec:
                               "must be even")
         if self.output_gate not in (None, "head", "element"):
             raise ConfigError(f"{where}output_gate: must be null, 'head' or 'element', got {self.output_gate!r}")
+        for name in ("v_norm", "k_eq_v", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{where}{name}: must be true or false, got {getattr(self, name)!r}")
+            if name != "qk_norm" and getattr(self, name) and not self.supports_value_options:
+                raise ConfigError(f"{where}{name}: not supported by '{self.type}' layers")
 
     def resolved(self, cfg: ModelConfig) -> LayerSpec:
         """A copy with the defaults that depend on the model filled in."""
@@ -211,6 +219,13 @@ class ModelConfig:
     name: str = "kvlab"
     extras: dict = field(default_factory=dict)  # model-family features (e.g. embedding scale); see model.py
     hyper_connections: dict | None = None  # mHC residual streams {"streams": 4, ...}; see hyper_connections.py
+    # decoder-style options (Gemma 2-4); see model.py and per_layer_embeddings.py
+    norm_unit_offset: bool = False  # RMSNorm weights stored as w - 1, applied as (1 + w) (Gemma 1-3)
+    sandwich_norms: bool = False  # also norm each sublayer's output (pre/post attention and feed-forward norms)
+    embed_scale: float | None = None  # token embeddings times this (Gemma: sqrt(d_model))
+    logit_softcap: float | None = None  # final logits -> cap * tanh(logits / cap)
+    layer_scalar: bool = False  # a per-layer output scalar (a checkpoint buffer) multiplies each block's output
+    per_layer_embeddings: dict | None = None  # {"dim": P, "vocab": V}: Gemma 4's per-layer embeddings (PLE)
 
     def __post_init__(self) -> None:
         if isinstance(self.rope, dict):
@@ -234,6 +249,9 @@ class ModelConfig:
         from kvlab.hyper_connections import validate_hyper_connections
 
         validate_hyper_connections(self.hyper_connections)
+        from kvlab.per_layer_embeddings import validate_decoder_options
+
+        validate_decoder_options(self)
         if not isinstance(self.layers, list) or len(self.layers) != self.n_layers:
             count = len(self.layers) if isinstance(self.layers, list) else type(self.layers).__name__
             raise ConfigError(f"layers: has {count} entries but n_layers is {self.n_layers}")
@@ -294,6 +312,10 @@ class ModelConfig:
         elif isinstance(layers, dict) and "pattern" in layers:  # {"pattern": [spec, ...]} cycled
             pattern = layers["pattern"]
             data["layers"] = [dict(pattern[i % len(pattern)]) for i in range(int(data.get("n_layers", 0)))]
+        if "kv_sharing" in data:  # {"every": k} (CLA-k) or {"last": n} (Gemma 4) -> kv_from per layer
+            from kvlab.sharing import apply_kv_sharing
+
+            data["layers"] = apply_kv_sharing(data.pop("kv_sharing"), data.get("layers"))
         return _build_dataclass(cls, data, "")
 
     def to_json(self) -> str:

@@ -16,6 +16,7 @@ from kvlab.errors import KvlabError, UnsupportedError
 from kvlab.hyper_connections import HyperConnection, HyperHead, widen
 from kvlab.mlp import GatedMLP
 from kvlab.norms import RMSNorm
+from kvlab.per_layer_embeddings import PerLayerEmbeddings, PerLayerInput
 from kvlab.registry import get_technique
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -36,18 +37,30 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         spec = cfg.layer(layer_idx)
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.layer_idx = layer_idx
+        norm = lambda: RMSNorm(cfg.d_model, cfg.norm_eps, unit_offset=cfg.norm_unit_offset)  # noqa: E731
+        self.input_layernorm = norm()
         self.self_attn = build_attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.post_attention_layernorm = norm()  # sandwich_norms: on the attention output, else before the MLP
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
         self.mlp = GatedMLP(cfg.d_model, spec.mlp_hidden, cfg.mlp_act)
+        if cfg.per_layer_embeddings is not None:  # PLE: a residual update at the end of the block
+            self.per_layer = PerLayerInput(cfg.d_model, cfg.per_layer_embeddings["dim"], cfg.norm_eps,
+                                           cfg.mlp_act, cfg.norm_unit_offset)
+        if cfg.layer_scalar:
+            self.register_buffer("layer_scalar", torch.ones(1))
         if cfg.hyper_connections is not None:  # mHC around both sublayers
             self.attn_hc = HyperConnection(cfg.d_model, cfg.hyper_connections, cfg.norm_eps)
             self.ffn_hc = HyperConnection(cfg.d_model, cfg.hyper_connections, cfg.norm_eps)
 
     def attention_branch(self, x: torch.Tensor, ctx: ForwardContext, cache_layer) -> torch.Tensor:
-        return self.self_attn(self.input_layernorm(x), ctx, cache_layer)
+        out = self.self_attn(self.input_layernorm(x), ctx, cache_layer)
+        return self.post_attention_layernorm(out) if hasattr(self, "post_feedforward_layernorm") else out
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "post_feedforward_layernorm"):  # sandwich norms
+            return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext, cache_layer) -> torch.Tensor:
@@ -55,7 +68,10 @@ class Block(nn.Module):
         plain sums unless the config has ``hyper_connections`` (then each sublayer has an mHC site)."""
         attention = lambda x: self.attention_branch(x, ctx, cache_layer)  # noqa: E731
         h = self.residual(h, attention, getattr(self, "attn_hc", None))
-        return self.residual(h, self.mlp_branch, getattr(self, "ffn_hc", None))
+        h = self.residual(h, self.mlp_branch, getattr(self, "ffn_hc", None))
+        if hasattr(self, "per_layer"):  # ctx.per_layer_inputs [B, S, L, P], set by Model.forward
+            h = h + self.per_layer(h, ctx.per_layer_inputs[:, :, self.layer_idx])
+        return h * self.layer_scalar if hasattr(self, "layer_scalar") else h
 
     @staticmethod
     def residual(h: torch.Tensor, branch, hc: nn.Module | None = None) -> torch.Tensor:
@@ -96,7 +112,11 @@ class Model(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.norm = RMSNorm(config.d_model, config.norm_eps, unit_offset=config.norm_unit_offset)
+        if config.per_layer_embeddings is not None:
+            ple = config.per_layer_embeddings
+            self.per_layer_embeddings = PerLayerEmbeddings(config.d_model, config.n_layers, ple["dim"],
+                                                           ple.get("vocab", config.vocab_size), config.norm_eps)
         if config.hyper_connections is not None:
             self.hc_head = HyperHead(config.d_model, config.hyper_connections, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -166,6 +186,8 @@ class Model(nn.Module):
         pad = self._pad_offset(attention_mask, cache, batch, seq)
         ctx = ForwardContext(batch, seq, start, pad, input_ids.device)
         h = self.embed(input_ids)
+        if self.config.per_layer_embeddings is not None:
+            ctx.per_layer_inputs = self.per_layer_embeddings(input_ids, h)  # [B, S, L, P]
         if self.config.hyper_connections is not None:
             h = widen(h, self.hc_head.n)  # [B, S, n, d]
         for i, block in enumerate(self.layers):
@@ -177,10 +199,19 @@ class Model(nn.Module):
         if self.config.hyper_connections is not None:
             h = self.hc_head(h)
         h = self.norm(h)
-        return h if return_hidden else self.lm_head(h)
+        if return_hidden:
+            return h
+        logits = self.lm_head(h)
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+        h = self.embed_tokens(input_ids)
+        if self.config.embed_scale is not None:  # in the weights' dtype, as Gemma does
+            h = h * torch.tensor(self.config.embed_scale, dtype=h.dtype)
+        return h
 
     def _pad_offset(self, attention_mask, cache: Cache | None, batch: int, seq: int) -> torch.Tensor | None:
         if cache is not None and cache.batch_size != batch:

@@ -15,11 +15,14 @@ from kvlab.errors import ConfigError
 
 
 def rope_frequencies(rope: RopeConfig, rot_dim: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies ``[rot_dim // 2]`` (fp32) and the attention factor that scales cos/sin."""
+    """Inverse frequencies ``[rot_dim // 2]`` (fp32) and the attention factor that scales cos/sin.
+
+    ``rot_dim`` is the rotated width (``head_dim * partial``), except for ``proportional``, where it is
+    the whole head dim (see ``_proportional``)."""
     base = torch.arange(0, rot_dim, 2, dtype=torch.int64, device="cpu").float() / rot_dim
     inv_freq = 1.0 / (rope.theta ** base)
     scaling = dict(rope.scaling or {})
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = _scaling_kind(rope)
     if kind == "default":
         return inv_freq, 1.0
     if kind == "linear":
@@ -84,10 +87,21 @@ def _yarn(rope: RopeConfig, dim: int, s: dict) -> tuple[torch.Tensor, float]:
     return interpolation * (1 - keep) + extrapolation * keep, float(attention_factor)
 
 
-def _proportional(rope: RopeConfig, rot_dim: int, s: dict) -> tuple[torch.Tensor, float]:
-    head_dim = int(s.get("head_dim", rot_dim))
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, device="cpu").float() / head_dim))
-    return inv_freq[: rot_dim // 2] / float(s.get("factor", 1.0)), 1.0
+def _proportional(rope: RopeConfig, head_dim: int, s: dict) -> tuple[torch.Tensor, float]:
+    """Gemma 4: the first ``partial * head_dim / 2`` frequencies of a full-width RoPE, the rest 0.
+
+    ``Rotary`` rotates the whole head (rotate-half over ``head_dim``), so with partial 0.25 of 512 the
+    rotated pairs are (j, j + 256) for j < 64: channels [0, 64) and [256, 320). Zero frequencies are
+    the identity (cos 1, sin 0)."""
+    angles = int(rope.partial * head_dim // 2)
+    inv_freq = torch.zeros(head_dim // 2, device="cpu")
+    inv_freq[:angles] = 1.0 / (rope.theta ** (torch.arange(0, 2 * angles, 2, device="cpu").float() / head_dim))
+    return inv_freq / float(s.get("factor", 1.0)), 1.0
+
+
+def _scaling_kind(rope: RopeConfig) -> str:
+    scaling = rope.scaling or {}
+    return scaling.get("rope_type", scaling.get("type", "default"))
 
 
 class Rotary:
@@ -95,6 +109,8 @@ class Rotary:
 
     def __init__(self, rope: RopeConfig, head_dim: int):
         self.rot_dim = int(head_dim * rope.partial) // 2 * 2
+        if _scaling_kind(rope) == "proportional":  # partial is expressed by zero frequencies instead
+            self.rot_dim = head_dim // 2 * 2
         self.interleaved = rope.interleaved
         self.inv_freq, self.attention_factor = rope_frequencies(rope, self.rot_dim)
         self._cos = self._sin = torch.empty(0, self.rot_dim, device="cpu")

@@ -23,6 +23,7 @@ class JsonTokenizer:
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer
 
+        self.path = Path(path)
         self.inner = Tokenizer.from_file(str(path))
         self.vocab_size = self.inner.get_vocab_size()
 

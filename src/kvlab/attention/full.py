@@ -7,6 +7,7 @@ Planner: 2 * B * n_kv_heads * head_dim * T * bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -29,6 +30,8 @@ from kvlab.registry import register_module, register_spec
 @dataclass(kw_only=True)
 class FullSpec(LayerSpec):
     """Standard softmax attention over every past token."""
+
+    supports_value_options: ClassVar[bool] = True  # v_norm, k_eq_v
 
     def label(self) -> str:
         kv = self.n_kv_heads or self.n_heads
@@ -71,13 +74,17 @@ class FullAttention(nn.Module):
         self.q_proj = nn.Linear(d, h * hd, bias=spec.qkv_bias)
         if self.owns_kv:
             self.k_proj = nn.Linear(d, spec.n_kv_heads * hd, bias=spec.qkv_bias)
-            self.v_proj = nn.Linear(d, spec.n_kv_heads * hd, bias=spec.qkv_bias)
+            if not spec.k_eq_v:  # k_eq_v: values are the raw key projection
+                self.v_proj = nn.Linear(d, spec.n_kv_heads * hd, bias=spec.qkv_bias)
+            if spec.v_norm:
+                self.v_norm = RMSNorm(hd, cfg.norm_eps, scale=False)
         self.o_proj = nn.Linear(h * hd, d, bias=spec.o_bias)
         self.g_proj = output_gate_proj(spec, d)
         if spec.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.norm_eps)
+            unit = getattr(cfg, "norm_unit_offset", False)
+            self.q_norm = RMSNorm(hd, cfg.norm_eps, unit_offset=unit)
             if self.owns_kv:
-                self.k_norm = RMSNorm(hd, cfg.norm_eps)
+                self.k_norm = RMSNorm(hd, cfg.norm_eps, unit_offset=unit)
         self.rotary = get_rotary(spec.rope, hd)
         self.scale = spec.softmax_scale
 
@@ -113,7 +120,9 @@ class FullAttention(nn.Module):
         if not self.owns_kv:
             return q, None, None
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = k if self.spec.k_eq_v else self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.spec.v_norm:
+            v = self.v_norm(v)
         if self.spec.qk_norm:
             k = self.k_norm(k)
         return q, self.rotary.apply(k, cos, sin), v

@@ -131,11 +131,12 @@ def _finish(source: str, docs: list[tuple[str, str]], max_chars: int | None) -> 
         a, b = int(len(whole) * 0.9), int(len(whole) * 0.95)
         splits = {"train": [whole[:a]], "val": [whole[a:b]], "test": [whole[b:]]}
     if max_chars is not None:
-        splits = {name: _cap(texts, max_chars) for name, texts in splits.items()}
+        splits = {name: cap_texts(texts, max_chars) for name, texts in splits.items()}
     return Corpus(source, splits)
 
 
-def _cap(texts: list[str], max_chars: int) -> list[str]:
+def cap_texts(texts: list[str], max_chars: int) -> list[str]:
+    """The leading documents of ``texts`` holding ``max_chars`` characters (the last one cut)."""
     out, used = [], 0
     for text in texts:
         if used >= max_chars:
@@ -160,39 +161,77 @@ def encode_texts(texts: list[str], tokenizer) -> np.ndarray:
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
 
 
-class ChunkSampler:
-    """Random contiguous chunks of ``seq_len + 1`` ids (inputs and next-token targets) from one id stream.
+class SeededStream:
+    """A resumable stream of batches: batch ``k`` is a pure function of ``(seed, k)``, so the whole
+    position is the counter ``step`` (``state_dict`` / ``load_state_dict`` resume bit-exactly). Under data
+    parallelism every rank draws the same global batch of ``batch`` rows and keeps its contiguous share."""
 
-    Batch ``k`` is a pure function of ``(seed, k)``: the whole position is the counter ``step``, so
-    ``state_dict`` / ``load_state_dict`` resume bit-exactly. Under data parallelism every rank draws the
-    same global batch and keeps its own contiguous share of rows."""
-
-    def __init__(self, ids: np.ndarray, seq_len: int, batch: int, seed: int = 0, rank: int = 0,
-                 world: int = 1):
-        if len(ids) < seq_len + 2:
-            raise KvlabError(f"corpus split has {len(ids)} tokens, fewer than one sequence of {seq_len} + 1")
+    def __init__(self, batch: int, seed: int, rank: int, world: int):
         if batch % world:
             raise KvlabError(f"batch {batch} is not divisible by the {world} processes")
-        self.ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
-        self.seq_len, self.batch, self.seed, self.rank, self.world = seq_len, batch, seed, rank, world
+        self.batch, self.seed, self.rank, self.world = batch, seed, rank, world
         self.step = 0
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(inputs, targets)``, each ``[batch / world, seq_len]`` int64."""
+    def batch_at(self, step: int) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
         batch = self.batch_at(self.step)
         self.step += 1
         return batch
 
-    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        starts = torch.randint(0, len(self.ids) - self.seq_len - 1, (self.batch,), generator=gen)
-        share = self.batch // self.world
-        starts = starts[self.rank * share: (self.rank + 1) * share]
-        rows = self.ids[starts[:, None] + torch.arange(self.seq_len + 1)]  # [share, seq_len + 1]
-        return rows[:, :-1], rows[:, 1:]
+    def generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+
+    def share(self) -> slice:
+        """This rank's rows of the global batch."""
+        size = self.batch // self.world
+        return slice(self.rank * size, (self.rank + 1) * size)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.step = int(state["seed"]), int(state["step"])
+
+
+class ChunkSampler(SeededStream):
+    """Random contiguous chunks of ``seq_len + 1`` ids (inputs and next-token targets) from one id stream."""
+
+    def __init__(self, ids: np.ndarray, seq_len: int, batch: int, seed: int = 0, rank: int = 0,
+                 world: int = 1):
+        if len(ids) < seq_len + 2:
+            raise KvlabError(f"corpus split has {len(ids)} tokens, fewer than one sequence of {seq_len} + 1")
+        super().__init__(batch, seed, rank, world)
+        self.ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+        self.seq_len = seq_len
+
+    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, targets)``, each ``[batch / world, seq_len]`` int64."""
+        starts = torch.randint(0, len(self.ids) - self.seq_len - 1, (self.batch,), generator=self.generator(step))
+        rows = self.ids[starts[self.share()][:, None] + torch.arange(self.seq_len + 1)]  # [rows, seq_len + 1]
+        return rows[:, :-1], rows[:, 1:]
+
+
+def split_ids(corpus: Corpus, split: str, tokenizer, cache_dir: str | Path | None = None) -> np.ndarray:
+    """``encode_texts`` of one split, cached as ``.npy`` (keyed by the split's and the tokenizer's hashes)
+    for tokenizers slower than bytes, so a 30 MB corpus is encoded once per machine."""
+    from kvlab.tokenizer import ByteTokenizer, default_cache_dir
+
+    if isinstance(tokenizer, ByteTokenizer) or getattr(tokenizer, "inner", None) is None:
+        return encode_texts(corpus.texts(split), tokenizer)
+    tok_hash = hashlib.sha256(tokenizer.inner.to_str().encode()).hexdigest()[:16]
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "ids"
+    path = folder / f"{corpus.fingerprint(split)[:20]}-{tok_hash}.npy"
+    if path.exists():
+        return np.load(path)
+    ids = encode_texts(corpus.texts(split), tokenizer)
+    folder.mkdir(parents=True, exist_ok=True)
+    from kvlab.checkpoint import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, ids)
+
+    atomic_write(path, write)
+    return ids

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from kvlab.data.corpus import SeededStream
 from kvlab.errors import KvlabError
 
 
@@ -55,6 +56,21 @@ def recall_batch(batch: int, seq_len: int, n_pairs: int, vocab_size: int, seed: 
     rows.scatter_(1, where + 1, values.gather(1, order))
     mask = torch.zeros(batch, total, dtype=torch.bool).scatter_(1, where, True)[:, :seq_len]
     return rows[:, :-1], rows[:, 1:], mask
+
+
+class RecallStream(SeededStream):
+    """MQAR batches as a resumable, rank-sharded stream (see ``SeededStream``)."""
+
+    def __init__(self, seq_len: int, n_pairs: int, vocab_size: int, batch: int, seed: int = 0,
+                 rank: int = 0, world: int = 1):
+        check_recall(seq_len, n_pairs, vocab_size)
+        super().__init__(batch, seed, rank, world)
+        self.seq_len, self.n_pairs, self.vocab_size = seq_len, n_pairs, vocab_size
+
+    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(inputs, targets, mask)`` of this rank, each ``[batch / world, seq_len]``."""
+        batch = recall_batch(self.batch, self.seq_len, self.n_pairs, self.vocab_size, self.seed * 1_000_003 + step)
+        return tuple(part[self.share()] for part in batch)
 
 
 @torch.no_grad()

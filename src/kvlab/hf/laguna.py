@@ -65,16 +65,24 @@ def laguna_config(hf: dict) -> ModelConfig:
             raise ConfigError(f"config.json: layer_types[{i}] must be 'full_attention' or 'sliding_attention', "
                               f"got {kind!r}")
         layers.append(spec)
+    return per_layer_model_config(hf, "laguna", layers, ropes[layer_types[0]], mlp_hidden=hf["intermediate_size"],
+                                  norm_eps=1e-6, tie=False)
+
+
+def per_layer_model_config(hf: dict, name: str, layers: list[dict], rope: RopeConfig, mlp_hidden: int,
+                           norm_eps: float, tie: bool) -> ModelConfig:
+    """The global fields of a per-layer-typed family (Laguna, ZAYA); ``norm_eps`` / ``tie``: the family's
+    defaults for ``rms_norm_eps`` / ``tie_word_embeddings``."""
     return ModelConfig(
-        name="laguna",
+        name=name,
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
-        n_layers=n,
-        mlp_hidden=hf["intermediate_size"],
+        n_layers=hf["num_hidden_layers"],
+        mlp_hidden=mlp_hidden,
         mlp_act=ACTS.get(hf.get("hidden_act", "silu"), hf.get("hidden_act")),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope=ropes[layer_types[0]],
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        norm_eps=hf.get("rms_norm_eps", norm_eps),
+        rope=rope,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", tie)),
         dtype=hf_dtype(hf),
         max_seq_len=hf.get("max_position_embeddings", 131072),
         layers=layers,

@@ -13,9 +13,8 @@ import torch
 
 from kvlab.config import ModelConfig
 from kvlab.errors import ConfigError
-from kvlab.hf import hf_dtype, register_family
-from kvlab.hf.laguna import per_type_rope
-from kvlab.hf.llama import ACTS
+from kvlab.hf import register_family
+from kvlab.hf.laguna import per_layer_model_config, per_type_rope
 
 DEFAULT_ROPE = {
     "hybrid": {"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.5},
@@ -46,20 +45,9 @@ def zaya_config(hf: dict) -> ModelConfig:
                 raise ConfigError("config.json: sliding_window must be set when layer_types has 'hybrid_sliding'")
             spec["window"] = hf["sliding_window"]
         layers.append(spec)
-    return ModelConfig(
-        name="zaya",
-        vocab_size=hf["vocab_size"],
-        d_model=hf["hidden_size"],
-        n_layers=n,
-        mlp_hidden=hf.get("moe_intermediate_size", 2048),  # per expert; kvlab does not run ZAYA's MoE
-        mlp_act=ACTS.get(hf.get("hidden_act", "silu"), hf.get("hidden_act")),
-        norm_eps=hf.get("rms_norm_eps", 1e-5),
-        rope=ropes[layer_types[0]],
-        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        dtype=hf_dtype(hf),
-        max_seq_len=hf.get("max_position_embeddings", 131072),
-        layers=layers,
-    )
+    # mlp_hidden: the per-expert width (ZAYA's MLPs are mixtures of experts, which kvlab does not run)
+    return per_layer_model_config(hf, "zaya", layers, ropes[layer_types[0]],
+                                  mlp_hidden=hf.get("moe_intermediate_size", 2048), norm_eps=1e-5, tie=True)
 
 
 def attention_state(state: dict[str, torch.Tensor], layer_idx: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,69 @@
+"""``kvlab show-mask``: render one layer's attention pattern (which keys each query sees) to a PNG, so a
+window, sink tokens or BigBird's blocks can be seen rather than described."""
+
+from __future__ import annotations
+
+import torch
+
+from kvlab.errors import KvlabError
+
+
+def add_parser(sub):
+    p = sub.add_parser("show-mask", help="render a layer's attention pattern to a PNG",
+                       description="Draw the causal attention pattern of one layer (query rows, key columns) "
+                       "for a kvlab config, HF config.json, checkpoint folder or preset.")
+    p.add_argument("config", nargs="?", help="kvlab config, HF config.json or checkpoint folder")
+    p.add_argument("--preset", help="a built-in preset instead of CONFIG")
+    p.add_argument("--layer", type=int, default=0, help="layer index (default 0)")
+    p.add_argument("--seq", type=int, default=64, help="sequence length drawn (default 64)")
+    p.add_argument("--out", default="mask.png", help="PNG path (default mask.png)")
+    return p
+
+
+def attention_pattern(spec, seq: int) -> tuple[torch.Tensor, str]:
+    """Bool ``[seq, seq]`` (True = query row attends key column) of a resolved layer spec, and a caption."""
+    from kvlab.attention._common import ForwardContext
+
+    ctx = ForwardContext(1, seq, 0, None, torch.device("cpu"))
+    steps = torch.arange(seq)
+    kind = spec.type
+    if kind == "block_sparse":
+        from kvlab.attention.block_sparse import block_sparse_mask
+
+        return block_sparse_mask(spec, ctx, steps)[0, 0], spec.label()
+    if kind == "gated_deltanet":
+        return ctx.mask(steps)[0, 0], f"{spec.label()}: every past token, through a fixed-size state"
+    window = getattr(spec, "window", None)
+    caption = spec.label() + (" (+ learned sink logit)" if getattr(spec, "sink_logits", False) else "")
+    return ctx.mask(steps, window=window, sinks=getattr(spec, "sinks", 0) if window else 0)[0, 0], caption
+
+
+def run(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kvlab.planner import resolve_config
+
+    source = args.config or args.preset
+    if not source:
+        raise KvlabError("give CONFIG or --preset NAME")
+    config = resolve_config(source)
+    if not 0 <= args.layer < config.n_layers:
+        raise KvlabError(f"--layer: must be in 0..{config.n_layers - 1}, got {args.layer}")
+    if args.seq < 1:
+        raise KvlabError(f"--seq: must be positive, got {args.seq}")
+    spec = config.layer(args.layer)
+    mask, caption = attention_pattern(spec, args.seq)
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.imshow(mask.numpy(), cmap="Blues", interpolation="nearest", vmin=0, vmax=1)
+    ax.set_xlabel("key position")
+    ax.set_ylabel("query position")
+    density = mask.sum().item() / (args.seq * (args.seq + 1) / 2)
+    ax.set_title(f"layer {args.layer}: {caption}\n{density:.0%} of causal pairs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(args.out)
+    plt.close(fig)
+    print(f"wrote {args.out} ({caption}, {args.seq} tokens, {density:.1%} of causal pairs)")
+    return 0

@@ -1,0 +1,365 @@
+"""The training loop: AdamW, warmup + cosine, gradient clipping and accumulation, periodic validation,
+atomic checkpoints that resume bit-exactly, a JSONL log, and data parallelism under ``torchrun``.
+
+Run folder layout::
+
+    RUN_DIR/train_config.json   the TrainConfig plus where the data came from
+    RUN_DIR/log.jsonl           one record per step (loss, lr, tok/s) and per validation
+    RUN_DIR/checkpoint/         config.json + model.safetensors (a kvlab checkpoint: ``kvlab.load`` reads it)
+                                + trainer.pt (optimizer, scheduler, RNG states, data position, step)
+                                + tokenizer.json when the run used one
+
+A checkpoint is written to ``RUN_DIR/.checkpoint.tmp`` and swapped in by renaming folders, so a crash
+leaves either the previous checkpoint or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kvlab.config import ModelConfig
+from kvlab.data.corpus import ChunkSampler
+from kvlab.data.recall import RecallStream, recall_accuracy
+from kvlab.errors import KvlabError
+
+CHECKPOINT = "checkpoint"
+STATE = "trainer.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one run. ``batch`` is the global batch (summed over processes) per micro-step;
+    an optimizer step sees ``batch * grad_accum`` sequences of ``seq`` tokens."""
+
+    steps: int = 200
+    batch: int = 8
+    seq: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 20
+    grad_accum: int = 1
+    clip: float = 1.0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 100
+    seed: int = 0
+    task: str = "lm"  # "lm": next-token loss on a corpus; "recall": loss on the MQAR answer positions
+    recall_pairs: int = 8
+    compile: bool = False
+    bf16: bool = False  # bfloat16 autocast (weights and optimizer stay fp32)
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        for name in ("steps", "batch", "seq", "grad_accum", "eval_every", "eval_batches", "save_every",
+                     "recall_pairs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise KvlabError(f"train.{name}: must be a positive integer, got {value!r}")
+        for name in ("lr", "clip"):
+            if not getattr(self, name) > 0:
+                raise KvlabError(f"train.{name}: must be positive, got {getattr(self, name)!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise KvlabError(f"train.warmup: must be a non-negative integer, got {self.warmup!r}")
+        if self.task not in ("lm", "recall"):
+            raise KvlabError(f"train.task: must be 'lm' or 'recall', got {self.task!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to ``min_lr_ratio`` at ``steps``."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---- memory guard -------------------------------------------------------------------------------------
+def available_memory(device: torch.device) -> int:
+    """Free bytes where training will run (CUDA: free device memory; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def estimate_train_bytes(config: ModelConfig, n_params: int, rows: int, seq: int) -> int:
+    """A rough lower estimate of training memory: fp32 weights, grads and two Adam moments, plus the
+    activations autograd keeps (about 16 ``d_model`` vectors per token per layer, fp32 logits and their
+    gradient). Meant to refuse absurd batch x seq, not to plan tightly."""
+    tokens = rows * seq
+    activations = tokens * (16 * config.d_model * config.n_layers + 3 * config.vocab_size) * 4
+    return 16 * n_params + activations
+
+
+# ---- the trainer --------------------------------------------------------------------------------------
+class Trainer:
+    """Trains ``model_config`` into ``out_dir``. ``train_ids`` / ``val_ids`` are token-id arrays for the
+    language-model task (unused for ``task="recall"``). ``resume`` continues the run in ``out_dir``."""
+
+    def __init__(self, model_config: ModelConfig, cfg: TrainConfig, out_dir: str | Path,
+                 train_ids: np.ndarray | None = None, val_ids: np.ndarray | None = None, *,
+                 force: bool = False, resume: bool = False, tokenizer_file: str | Path | None = None,
+                 meta: dict | None = None, progress: bool = True):
+        cfg.validate()
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.meta, self.progress, self.tokenizer_file = meta or {}, progress, tokenizer_file
+        self.rank, self.world = self._init_distributed()
+        self.device = torch.device(cfg.device if cfg.device != "cuda" or self.world == 1
+                                   else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        from kvlab.model import Model
+
+        with torch.device("meta"):  # count parameters before allocating anything
+            n_params = Model(model_config).num_parameters()
+        need = estimate_train_bytes(model_config, n_params, cfg.batch // self.world, cfg.seq)
+        have = available_memory(self.device)
+        if need > have:
+            raise KvlabError(f"batch {cfg.batch} x seq {cfg.seq} needs about {need / 2**30:.1f} GiB to train, "
+                             f"more than the {have / 2**30:.1f} GiB available; lower --batch/--seq or raise "
+                             f"--grad-accum")
+        if cfg.seq > model_config.max_seq_len:
+            raise KvlabError(f"seq {cfg.seq} exceeds the config's max_seq_len {model_config.max_seq_len}")
+        self.train_data, self.val_data = self._streams(model_config, train_ids, val_ids)
+        self._prepare_folder(force, resume)  # only after every check: a refused run deletes nothing
+        torch.manual_seed(cfg.seed)
+        self.model = Model(model_config).to(self.device).train()
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        other = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": other, "weight_decay": 0.0}],
+                                           lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.step = 0
+        if resume:
+            self._load_state()
+        self.net = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                               if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+
+    # ---- setup ----------------------------------------------------------------------------------
+    @staticmethod
+    def _init_distributed() -> tuple[int, int]:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return 0, 1
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and os.environ.get("KVLAB_BACKEND") != "gloo" else "gloo"
+            dist.init_process_group(backend)
+        return dist.get_rank(), dist.get_world_size()
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _prepare_folder(self, force: bool, resume: bool) -> None:
+        out = self.out
+        if resume:
+            if not (out / CHECKPOINT / STATE).exists() and not (out / ".checkpoint.old" / STATE).exists():
+                raise KvlabError(f"{out}: no checkpoint to resume from")
+        elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+            if not force:
+                raise KvlabError(f"{out}: run folder exists; pass --force to overwrite or --resume to continue")
+            if not out.is_dir() or not any((out / name).exists() for name in ("train_config.json", CHECKPOINT)):
+                raise KvlabError(f"{out}: exists and is not a kvlab run folder; refusing to delete it")
+        self._barrier()  # every rank has checked before rank 0 changes anything
+        if self.rank == 0 and not resume:
+            if out.exists():
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            out.mkdir(parents=True)
+            record = {"train": dataclasses.asdict(self.cfg), **self.meta}
+            (out / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
+        self._barrier()
+
+    def _streams(self, config: ModelConfig, train_ids, val_ids):
+        cfg = self.cfg
+        if cfg.task == "recall":
+            train = RecallStream(cfg.seq, cfg.recall_pairs, config.vocab_size, cfg.batch, cfg.seed,
+                                 self.rank, self.world)
+            return train, RecallStream(cfg.seq, cfg.recall_pairs, config.vocab_size, cfg.batch, cfg.seed + 1)
+        if train_ids is None or val_ids is None:
+            raise KvlabError("task lm needs train and validation token ids")
+        top = int(max(train_ids.max(initial=0), val_ids.max(initial=0)))
+        if top >= config.vocab_size:
+            raise KvlabError(f"token id {top} does not fit the config's vocab_size {config.vocab_size}")
+        train = ChunkSampler(train_ids, cfg.seq, cfg.batch, cfg.seed, self.rank, self.world)
+        return train, ChunkSampler(val_ids, cfg.seq, cfg.batch, cfg.seed + 1)
+
+    # ---- one step -------------------------------------------------------------------------------
+    def _autocast(self):
+        if not self.cfg.bf16:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _loss(self, net, batch) -> torch.Tensor:
+        inputs, targets = batch[0].to(self.device), batch[1].to(self.device)
+        with self._autocast():
+            logits = net(inputs)  # [B, S, V]
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        if len(batch) == 3:  # recall: only the answer positions count
+            return losses[batch[2].to(self.device).flatten()].mean()
+        return losses.mean()
+
+    def train_step(self) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the loss of the global batch."""
+        cfg, total = self.cfg, 0.0
+        for micro in range(cfg.grad_accum):
+            last = micro == cfg.grad_accum - 1
+            sync = nullcontext() if last or self.world == 1 else self.net.no_sync()
+            with sync:
+                loss = self._loss(self.net, self.train_data.next_batch()) / cfg.grad_accum
+                loss.backward()
+            total += float(loss.detach())
+        if self.world > 1:  # log the global batch's loss: the mean over processes
+            import torch.distributed as dist
+
+            reduced = torch.tensor([total], device=self.device)
+            dist.all_reduce(reduced)
+            total = float(reduced) / self.world
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return total
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss on fixed batches (the same every time), plus recall accuracy for that task."""
+        self.model.eval()
+        try:
+            losses = [float(self._loss(self.model, self.val_data.batch_at(i))) for i in range(self.cfg.eval_batches)]
+            out = {"val_loss": sum(losses) / len(losses)}
+            if self.cfg.task == "recall":
+                out["recall_acc"] = recall_accuracy(self.model, self.cfg.seq, self.cfg.recall_pairs,
+                                                    n_samples=self.cfg.batch * self.cfg.eval_batches,
+                                                    seed=self.cfg.seed + 1, batch=self.cfg.batch)
+        finally:
+            self.model.train()
+        return out
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def run(self, stop_after: int | None = None) -> dict:
+        """Train up to ``cfg.steps`` (or ``stop_after`` more steps, which simulates an interruption).
+        Returns the last record: step, loss, val_loss, tok/s."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
+        tokens_per_step = cfg.batch * cfg.seq * cfg.grad_accum
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress or self.rank != 0,
+                   desc="train", unit="step", dynamic_ncols=True)
+        last: dict = {}
+        started, done = time.perf_counter(), 0
+        try:
+            while self.step < end:
+                t0 = time.perf_counter()
+                loss = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                done += 1
+                last = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                        "tok_s": tokens_per_step / dt}
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    last.update(self.evaluate())
+                self._log(last)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last['tok_s']:.0f}",
+                                **({"val": f"{last['val_loss']:.3f}"} if "val_loss" in last else {}))
+                if self.step % cfg.save_every == 0 or self.step == end:
+                    self.save()
+        finally:
+            bar.close()
+        if done:
+            last["mean_tok_s"] = tokens_per_step * done / (time.perf_counter() - started)
+        return last
+
+    def _log(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(self.out / "log.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save(self) -> None:
+        """Weights (safetensors) + trainer state into ``RUN_DIR/checkpoint``, swapped in atomically."""
+        if self.rank == 0:
+            final, tmp, old = self.out / CHECKPOINT, self.out / ".checkpoint.tmp", self.out / ".checkpoint.old"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save(tmp, overwrite=True)
+            torch.save(self._state(), tmp / STATE)
+            if self.tokenizer_file is not None:
+                shutil.copyfile(self.tokenizer_file, tmp / "tokenizer.json")
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+
+    def _state(self) -> dict:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "data": self.train_data.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "numpy": np.random.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "train_config": dataclasses.asdict(self.cfg)}
+
+    def _load_state(self) -> None:
+        from kvlab.checkpoint import check_state, read_safetensors_file
+
+        folder = self.out / CHECKPOINT
+        if not (folder / STATE).exists():  # crashed between the two renames of save()
+            folder = self.out / ".checkpoint.old"
+        state = torch.load(folder / STATE, map_location="cpu", weights_only=False)
+        weights = read_safetensors_file(folder / "model.safetensors")
+        if self.model.config.tie_embeddings:
+            weights["lm_head.weight"] = weights["embed_tokens.weight"]
+        check_state(self.model, weights, str(folder))
+        self.model.load_state_dict(weights)  # copies in place: parameter layouts stay as built
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_data.load_state_dict(state["data"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step = int(state["step"])
+        if self.rank == 0 and (self.out / "log.jsonl").exists():  # drop records past the checkpoint
+            lines = (self.out / "log.jsonl").read_text().splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            (self.out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
