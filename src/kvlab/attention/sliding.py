@@ -179,9 +179,11 @@ class SlidingAttention(FullAttention):
         start = ctx.start
         if ctx.seq_len == 1 and not self.sinks:  # decode: write, then attend over the ring
             cache.write(k, v, start, ctx.pad_offset)
-            if ctx.pad_offset is None and cache.length >= self.window:
-                return cache.ring_k, cache.ring_v, None  # every slot is in the window
-            return cache.ring_k, cache.ring_v, window_mask(ctx, cache.key_steps(), self.window, 0, start)
+            filled = min(cache.length, self.window)  # before wrap-around only slots 0..length-1 are written
+            k_all, v_all = cache.ring_k[:, :, :filled], cache.ring_v[:, :, :filled]
+            if ctx.pad_offset is None:
+                return k_all, v_all, None  # every written slot is in the window
+            return k_all, v_all, window_mask(ctx, cache.key_steps()[:filled], self.window, 0, start)
         ring_steps = cache.key_steps() if cache.length else cache.key_steps()[:0]
         keys = [cache.ring_k[:, :, : len(ring_steps)], k]
         values = [cache.ring_v[:, :, : len(ring_steps)], v]
