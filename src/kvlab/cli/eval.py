@@ -1,0 +1,61 @@
+"""``kvlab eval``: perplexity on held-out text (overall and by position), recall accuracy by length,
+measured KV bytes and prefill / decode speed at several contexts, for a checkpoint folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kvlab.cli._args import token_counts
+
+
+def add_parser(sub):
+    p = sub.add_parser("eval", help="perplexity, recall, KV bytes and speed of a checkpoint",
+                       description="Evaluate a kvlab (or HF) checkpoint folder: held-out perplexity and "
+                       "perplexity by position bucket, recall accuracy by length, measured cache bytes and "
+                       "prefill seconds / decode tokens/s at several contexts.")
+    p.add_argument("checkpoint", help="checkpoint folder (e.g. RUN_DIR/checkpoint)")
+    p.add_argument("--corpus", help="held-out text: file, folder or JSONL (default: the stdlib test split)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="corpus split (default test)")
+    p.add_argument("--max-chars", type=int, default=2_000_000, help="characters of the split to read")
+    p.add_argument("--seq", type=int, default=256, help="perplexity window length (default 256)")
+    p.add_argument("--windows", type=int, default=16, help="perplexity windows (default 16)")
+    p.add_argument("--no-ppl", action="store_true", help="skip perplexity (e.g. a recall-task model)")
+    p.add_argument("--recall-lengths", type=token_counts, help="recall accuracy at these sequence lengths")
+    p.add_argument("--recall-pairs", type=int, default=8, help="key-value pairs per recall row (default 8)")
+    p.add_argument("--context", type=token_counts, default=[64, 256, 1024],
+                   help="contexts for KV bytes and speed (default 64,256,1024)")
+    p.add_argument("--decode-steps", type=int, default=16, help="decode steps timed per context")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--out", help="also write the JSON result to this file")
+    return p
+
+
+def run(args) -> int:
+    import torch
+
+    from kvlab.checkpoint import atomic_write, load
+    from kvlab.eval import evaluate as ev
+
+    torch.manual_seed(0)
+    model = load(args.checkpoint).eval()
+    result: dict = {"checkpoint": str(args.checkpoint), "params": model.num_parameters()}
+    if not args.no_ppl:
+        from kvlab.data.corpus import encode_texts, load_corpus
+        from kvlab.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(args.checkpoint, model.config.vocab_size)
+        texts = load_corpus(args.corpus, max_chars=args.max_chars).texts(args.split)
+        result["perplexity"] = ev.perplexity(model, encode_texts(texts, tok), args.seq, args.windows)
+    if args.recall_lengths:
+        result["recall"] = ev.recall_by_length(model, args.recall_lengths, args.recall_pairs)
+    result["kv_bytes"] = ev.kv_bytes(model, args.context)
+    result["speed"] = ev.speed(model, args.context, args.decode_steps)
+    ctx = list(result["speed"])
+    result["prefill_exponent"] = ev.scaling_exponent(ctx, [result["speed"][n]["prefill_s"] for n in ctx])
+    result["decode_exponent"] = ev.scaling_exponent(ctx, [1 / result["speed"][n]["decode_tok_s"] for n in ctx])
+    text = json.dumps(result, indent=2)
+    if args.out:
+        atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))
+    print(text if args.json else ev.format_report(result))
+    return 0

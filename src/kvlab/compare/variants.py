@@ -1,0 +1,80 @@
+"""The default variant set, built against the technique registry: a variant whose technique is not
+registered (or whose config does not validate) is reported as not available, never faked."""
+
+from __future__ import annotations
+
+import copy
+
+from kvlab.config import ModelConfig
+
+H, D = 8, 8  # query heads, head dim of the MHA baseline
+
+
+def _full(kv: int) -> dict:
+    return {"type": "full", "n_heads": H, "n_kv_heads": kv, "head_dim": D}
+
+
+SLIDING = {"type": "sliding", "n_heads": H, "n_kv_heads": H, "head_dim": D, "window": 32, "sinks": 4}
+_V4 = {"n_heads": H, "head_dim": 16, "q_lora_rank": 32, "o_groups": 2, "o_lora_rank": 16, "window": 16,
+       "rope": {"theta": 10000.0, "partial": 0.5, "interleaved": True}}
+
+# name -> (techniques it needs, layer list for 4 layers, extra model fields)
+DEFAULT_VARIANTS: dict[str, tuple[tuple[str, ...], list[dict], dict]] = {
+    "MHA": (("full",), [_full(H)] * 4, {}),
+    "GQA-4": (("full",), [_full(4)] * 4, {}),
+    "MQA": (("full",), [_full(1)] * 4, {}),
+    "cross-layer (CLA2)": (("full",), [_full(H)] * 4, {"kv_sharing": {"every": 2}}),
+    "MLA": (("mla",), [{"type": "mla", "n_heads": H, "kv_lora_rank": 12, "qk_rope_head_dim": 4,
+                        "qk_nope_head_dim": 8, "v_head_dim": 8}] * 4, {}),
+    "sliding (+sinks)": (("sliding",), [SLIDING] * 4, {}),
+    "block-sparse": (("block_sparse",), [{"type": "block_sparse", "n_heads": H, "n_kv_heads": H, "head_dim": D,
+                                          "block": 16, "local_blocks": 2, "global_blocks": 1}] * 4, {}),
+    "linear (gated deltanet)": (("gated_deltanet",), [{"type": "gated_deltanet", "n_heads": H,
+                                                       "head_dim": D}] * 4, {}),
+    "CSA/HCA": (("csa", "hca"), [{"type": "csa", **_V4, "compress_rate": 4, "index_n_heads": 2,
+                                  "index_head_dim": 8, "index_topk": 8},
+                                 {"type": "hca", **_V4, "compress_rate": 8}] * 2, {}),
+    "hybrid 3 window : 1 full": (("sliding", "full"), [SLIDING, SLIDING, SLIDING, _full(H)], {}),
+}
+
+
+def base_model(layers: list[dict], d_model: int = 64, mlp_hidden: int = 192, max_seq_len: int = 2048,
+               **extra) -> dict:
+    """A byte-vocabulary model dict around ``layers``."""
+    return {"vocab_size": 256, "d_model": d_model, "n_layers": len(layers), "mlp_hidden": mlp_hidden,
+            "max_seq_len": max_seq_len, "layers": copy.deepcopy(layers), **extra}
+
+
+def availability(needs: tuple[str, ...], config: dict) -> str | None:
+    """None if runnable, else why not (unregistered technique, no module yet, or a config error)."""
+    from kvlab.registry import techniques
+
+    known = techniques()
+    for name in needs:
+        if name not in known:
+            return f"technique '{name}' not registered yet"
+        if known[name].module_cls is None:
+            return f"technique '{name}' has no module yet (plannable only)"
+    try:
+        ModelConfig.from_dict(config)
+    except Exception as e:  # a config error from someone else's spec is "not available", not a crash
+        return f"config does not validate: {str(e).splitlines()[0]}"
+    return None
+
+
+def count_params(config: dict) -> int:
+    """Parameter count of a built model (shared weights counted once)."""
+    from kvlab.model import Model
+
+    return Model(ModelConfig.from_dict(config)).num_parameters()
+
+
+def match_params(config: dict, target: int, tolerance: float = 0.02) -> tuple[dict, int]:
+    """``config`` with ``mlp_hidden`` set so its parameter count is within ``tolerance`` of ``target``
+    (parameters are affine in the MLP width: solve from two probes). Returns (config, count)."""
+    a, b = 64, 256
+    pa, pb = count_params({**config, "mlp_hidden": a}), count_params({**config, "mlp_hidden": b})
+    slope = (pb - pa) / (b - a)
+    hidden = max(8, round(a + (target - pa) / slope))
+    out = {**config, "mlp_hidden": hidden}
+    return out, count_params(out)

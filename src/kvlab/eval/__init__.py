@@ -1,0 +1,1 @@
+"""Evaluation of trained kvlab models: perplexity, recall, KV memory and speed (``kvlab eval``)."""

@@ -1,0 +1,110 @@
+"""Measurements of one model: held-out perplexity (overall and by position bucket), recall accuracy by
+length, KV bytes measured from the live cache at several contexts, and prefill / decode speed."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def perplexity(model, ids: np.ndarray, seq_len: int, max_windows: int = 16, buckets: int = 4) -> dict:
+    """Mean next-token loss (nats and bits/token) over up to ``max_windows`` evenly spaced windows of
+    ``ids``, plus the loss per position bucket (does the model use far context?)."""
+    from kvlab.errors import KvlabError
+
+    if len(ids) < seq_len + 1:
+        raise KvlabError(f"eval: held-out text has {len(ids)} tokens, fewer than seq_len+1 = {seq_len + 1}")
+    starts = np.linspace(0, len(ids) - seq_len - 1, num=min(max_windows, len(ids) - seq_len)).astype(int)
+    rows = torch.as_tensor(np.stack([ids[s:s + seq_len + 1] for s in starts]).astype(np.int64))  # [N, S+1]
+    model.eval()
+    losses = []
+    for chunk in rows.split(8):
+        logits = model(chunk[:, :-1].to(model.device)).float()  # [n, S, V]
+        losses.append(F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:].to(model.device),
+                                      reduction="none").cpu())  # [n, S]
+    loss = torch.cat(losses)  # [N, S]
+    edges = np.linspace(0, seq_len, buckets + 1).astype(int)
+    by_bucket = [{"positions": f"{a}-{b - 1}", "loss": float(loss[:, a:b].mean())}
+                 for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    mean = float(loss.mean())
+    return {"loss": mean, "bits_per_token": mean / math.log(2), "ppl": math.exp(mean),
+            "windows": len(starts), "seq_len": seq_len, "by_position": by_bucket}
+
+
+@torch.no_grad()
+def kv_bytes(model, contexts: list[int]) -> dict[int, int]:
+    """Measured ``cache.nbytes`` after a batch-1 prefill of each context length (random tokens)."""
+    out = {}
+    for n in contexts:
+        cache = model.new_cache(1)
+        model(torch.randint(0, model.config.vocab_size, (1, n), device=model.device), cache=cache,
+              last_only=True)
+        out[n] = int(cache.nbytes)
+    return out
+
+
+@torch.no_grad()
+def speed(model, contexts: list[int], decode_steps: int = 16, repeats: int = 3) -> dict[int, dict]:
+    """Median prefill seconds and decode tokens/s (batch 1, greedy feedback) at each context length."""
+    out = {}
+    vocab = model.config.vocab_size
+    warm = model.new_cache(1)
+    model(torch.randint(0, vocab, (1, min(contexts)), device=model.device), cache=warm)  # first-call costs
+    model(torch.zeros(1, 1, dtype=torch.long, device=model.device), cache=warm)
+    for n in contexts:
+        prefill, decode = [], []
+        for _ in range(repeats):
+            prompt = torch.randint(0, vocab, (1, n), device=model.device)
+            cache = model.new_cache(1, max_length=n + decode_steps)
+            t0 = time.perf_counter()
+            token = model(prompt, cache=cache, last_only=True).argmax(-1)  # [1, 1]
+            t1 = time.perf_counter()
+            for _ in range(decode_steps):
+                token = model(token, cache=cache).argmax(-1)
+            t2 = time.perf_counter()
+            prefill.append(t1 - t0)
+            decode.append(decode_steps / (t2 - t1))
+        out[n] = {"prefill_s": float(np.median(prefill)), "decode_tok_s": float(np.median(decode))}
+    return out
+
+
+def recall_by_length(model, lengths: list[int], n_pairs: int, n_samples: int = 64, seed: int = 0) -> dict:
+    """Recall accuracy (exact match of bound values) at each sequence length."""
+    from kvlab.data.recall import check_recall, recall_accuracy
+
+    out = {}
+    for n in lengths:
+        check_recall(n, n_pairs, model.config.vocab_size)
+        out[n] = recall_accuracy(model, n, n_pairs, n_samples=n_samples, seed=seed)
+    return out
+
+
+def scaling_exponent(xs: list[int], ys: list[float]) -> float | None:
+    """Slope of log(y) against log(x): ~1 for linear growth in context, ~0 for constant."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
+    if len(pts) < 2:
+        return None
+    lx, ly = np.array(pts).T
+    return float(np.polyfit(lx, ly, 1)[0])
+
+
+def format_report(result: dict) -> str:
+    """A short human-readable table of an evaluation result."""
+    lines = []
+    if "perplexity" in result:
+        p = result["perplexity"]
+        lines.append(f"held-out loss {p['loss']:.4f} nats ({p['bits_per_token']:.3f} bits/token, ppl {p['ppl']:.2f})")
+        lines += [f"  positions {b['positions']:>10}: loss {b['loss']:.4f}" for b in p["by_position"]]
+    if "recall" in result:
+        lines += [f"recall @ {n}: {acc:.3f}" for n, acc in result["recall"].items()]
+    lines.append(f"{'context':>8} {'KV bytes':>12} {'prefill s':>10} {'decode tok/s':>13}")
+    for n, b in result["kv_bytes"].items():
+        s = result["speed"].get(n, {})
+        lines.append(f"{n:>8} {b:>12} {s.get('prefill_s', float('nan')):>10.4f} "
+                     f"{s.get('decode_tok_s', float('nan')):>13.1f}")
+    return "\n".join(lines)
