@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from matrix import *  # noqa: F401,F403
 from strategies import model_config
+from test_sharing import _model  # the same case builder as the basic sharing tests
 
 import kvlab
 from kvlab import ModelConfig
@@ -19,12 +20,6 @@ from kvlab.sharing import apply_kv_sharing, share_every, share_last
 HAS_SLIDING = "sliding" in techniques()
 
 
-def _model(layers, sharing=None, **extra):
-    out = {"vocab_size": 61, "d_model": 32, "n_layers": len(layers), "mlp_hidden": 48, "layers": layers,
-           "_seq": 20, **extra}
-    if sharing:
-        out["kv_sharing"] = sharing
-    return out
 
 
 GQA = {"type": "full", "n_heads": 4, "n_kv_heads": 2}
