@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (the main job on the embedded default) and `make test`.
+# Two entry points: `make demo` (the main job, `kvlab compare`, on the default variant set) and `make test`.
 # Each creates .venv when missing and installs torch (CPU wheel pinned) and kvlab with its dev extras.
 PY ?= python3
 VENV := .venv
@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
 
 demo: $(STAMP)
-	$(BIN)/kvlab demo
+	$(BIN)/kvlab compare --out runs/compare
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -74,3 +74,7 @@ def test_show_mask_writes_png(tmp_path):
         assert main(["show-mask", str(path), "--layer", str(layer), "--seq", "40", "--out", str(out)]) == 0
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["show-mask", str(path), "--layer", "7"]) == 2
+    out.write_bytes(b"mine")  # an existing file is not overwritten without --force
+    assert main(["show-mask", str(path), "--layer", "1", "--seq", "40", "--out", str(out)]) == 2
+    assert out.read_bytes() == b"mine"
+    assert main(["show-mask", str(path), "--layer", "1", "--seq", "40", "--out", str(out), "--force"]) == 0

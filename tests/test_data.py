@@ -90,29 +90,52 @@ def test_byte_encoding_and_bpe_cache(tmp_path):
 
 
 def test_recall_batch_layout_and_determinism():
-    from kvlab.data.recall import recall_batch
+    from kvlab.data.recall import RecallTask
 
-    x, y, mask = recall_batch(3, 40, 5, vocab_size=32, seed=7)
+    task = RecallTask(5)
+    x, y, mask = task.batch(3, 40, vocab_size=32, seed=7)
     assert x.shape == y.shape == mask.shape == (3, 40)
-    assert torch.equal(x, recall_batch(3, 40, 5, 32, seed=7)[0])
-    assert not torch.equal(x, recall_batch(3, 40, 5, 32, seed=8)[0])
+    assert torch.equal(x, task.batch(3, 40, 32, seed=7)[0])
+    assert not torch.equal(x, task.batch(3, 40, 32, seed=8)[0])
     assert torch.equal(x[:, 1:], y[:, :-1])
     for row in range(3):
         pairs = dict(zip(x[row, 0:10:2].tolist(), x[row, 1:10:2].tolist()))
-        assert len(pairs) == 5 and all(1 <= k <= 15 for k in pairs) and all(v > 15 for v in pairs.values())
+        assert len(pairs) == 5 and all(1 <= k <= 15 for k in pairs) and all(15 < v <= 30 for v in pairs.values())
         positions = mask[row].nonzero().flatten().tolist()
         assert len(positions) == 5 and min(positions) >= 10
         assert sorted(x[row, positions].tolist()) == sorted(pairs)  # each key queried once
         assert all(y[row, p].item() == pairs[x[row, p].item()] for p in positions)
 
 
+def test_fused_recall_layout_binds_each_query_to_its_pair_token():
+    from kvlab.data.recall import RecallTask
+
+    task = RecallTask(6, alphabet=7, layout="fused")
+    assert task.ids_needed(7) == 1 + 14 + 49
+    x, y, mask = task.batch(4, 30, vocab_size=64, seed=3)
+    assert torch.equal(x, task.batch(4, 30, 64, seed=3)[0])
+    for row in range(4):
+        pair_ids = x[row, 6:12] - 15  # k * 7 + v, 0-based, after a lead of 6 filler tokens
+        bound = {int(p) // 7 + 1: int(p) % 7 + 8 for p in pair_ids}  # key token -> value token
+        assert (x[row, :6] == 0).all() and x[row, 12:].max() <= 7 and (y[row][~mask[row]] == 0).all()
+        assert len(bound) == 6
+        positions = mask[row].nonzero().flatten().tolist()
+        assert len(positions) == 6 and min(positions) >= 12
+        assert all(y[row, p].item() == bound[x[row, p].item()] for p in positions)
+    with pytest.raises(KvlabError, match="alphabet 8 needs 81 token ids"):
+        RecallTask(6, alphabet=8, layout="fused").check(30, 64)
+    assert RecallTask(4, layout="fused").n_symbols(256) == 15  # 1 + 30 + 225 = 256
+
+
 def test_recall_errors_and_accuracy_of_an_oracle():
-    from kvlab.data.recall import recall_accuracy, recall_batch
+    from kvlab.data.recall import RecallTask, recall_accuracy
 
     with pytest.raises(KvlabError, match="too short"):
-        recall_batch(1, 10, 5, 32, 0)
+        RecallTask(5).batch(1, 10, 32, 0)
     with pytest.raises(KvlabError, match="distinct keys"):
-        recall_batch(1, 100, 20, 32, 0)
+        RecallTask(20).batch(1, 100, 32, 0)
+    with pytest.raises(KvlabError, match="layout must be"):
+        RecallTask(2, layout="zigzag").check(20, 32)
 
     class Oracle(torch.nn.Module):  # looks the key up in the prefix: accuracy 1
         config = type("C", (), {"vocab_size": 32})()
@@ -129,4 +152,4 @@ def test_recall_errors_and_accuracy_of_an_oracle():
                     out[b, t, pairs.get(int(ids[b, t]), 0)] = 1.0
             return out
 
-    assert recall_accuracy(Oracle(), 40, 5, n_samples=6, seed=1, batch=4) == 1.0
+    assert recall_accuracy(Oracle(), RecallTask(5), 40, n_samples=6, seed=1, batch=4) == 1.0

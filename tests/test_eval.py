@@ -38,3 +38,7 @@ def test_cli_eval_of_a_saved_model(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and set(result["kv_bytes"]) == {"16", "32"} and "64" in result["recall"]
     assert result["speed"]["32"]["decode_tok_s"] > 0 and result["perplexity"]["windows"] == 2
+    kept = tmp_path / "result.json"
+    kept.write_text("mine")
+    assert main(["eval", str(tmp_path / "ckpt"), "--no-ppl", "--out", str(kept)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err and kept.read_text() == "mine"

@@ -33,3 +33,24 @@ def token_count(text: str) -> int:
 
 def token_counts(text: str) -> list[int]:
     return [token_count(part) for part in text.split(",") if part.strip()]
+
+
+def positive_int(text: str) -> int:
+    """A positive integer argument."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def check_new_file(path: str, force: bool, flag: str = "--out") -> None:
+    """Refuse to overwrite an existing file the user did not ask to replace (one-line error)."""
+    from pathlib import Path
+
+    from kvlab.errors import KvlabError
+
+    if Path(path).exists() and not force:
+        raise KvlabError(f"{flag}: {path} exists; pass --force to overwrite it")

@@ -1,27 +1,32 @@
-"""``kvlab compare``: train the default attention variants (or given configs) at matched parameters on the
-recall task and write a table (Markdown + JSON) and plots. Cached per variant: rerun to resume."""
+"""``kvlab compare``: train the default attention variants (or given configs) at matched parameters on real
+text and on the recall task, over several seeds, and write a table (Markdown + JSON) and plots. Every job
+is cached in the output folder: rerun the same command to resume."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from kvlab.cli._args import positive_int as positive
 from kvlab.cli._args import token_counts
 
 
 def add_parser(sub):
-    p = sub.add_parser("compare", help="train and compare attention variants (memory, speed, recall)",
-                       description="Train variants at matched parameter count on the same recall batches and "
-                       "seeds; measure KV bytes, prefill/decode scaling and recall; write compare.md, "
-                       "compare.json and PNG plots into --out. Interrupted runs resume from per-variant caches.")
+    p = sub.add_parser("compare", help="train and compare attention variants (memory, speed, quality)",
+                       description="Train variants at matched parameter count on the same text and recall "
+                       "batches and seeds; measure KV bytes, prefill/decode scaling, perplexity and recall; "
+                       "write compare.md, compare.json and PNG plots into --out. Rerun to resume.")
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
-    p.add_argument("--quick", action="store_true", help="test-sized budget (a few minutes on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="test-sized budget (under 3 minutes on 2 CPU cores)")
     p.add_argument("--variants", nargs="+", help="kvlab config files to compare instead of the default set")
-    p.add_argument("--seeds", type=int, help="seeds per variant")
-    p.add_argument("--steps", type=int, help="training steps per seed")
-    p.add_argument("--tokens", type=int, help="training tokens per seed (sets --steps from batch x seq)")
+    p.add_argument("--seeds", type=positive, help="seeds per variant (default 2)")
+    p.add_argument("--steps", type=positive, help="recall-task training steps per seed")
+    p.add_argument("--lm-steps", type=positive, help="text training steps per seed")
+    p.add_argument("--tokens", type=positive, help="training tokens per seed and task (sets both step counts "
+                   "from batch x seq)")
+    p.add_argument("--corpus", help="text file, folder or JSONL (default: this Python's standard library)")
     p.add_argument("--device", help="cpu (default), cuda, ...")
+    p.add_argument("--workers", type=positive, help="training processes side by side (default 2; 1 on GPUs)")
     p.add_argument("--contexts", type=token_counts, help="contexts for KV bytes and speed")
-    p.add_argument("--progress", action="store_true", help="show training progress bars")
     return p
 
 
@@ -33,11 +38,16 @@ def run(args) -> int:
     from kvlab.errors import KvlabError
 
     budget = Budget.quick() if args.quick else Budget()
-    for name in ("seeds", "steps", "device", "contexts"):
+    if args.device and args.device != "cpu":
+        budget.workers = 1
+    for name in ("seeds", "steps", "lm_steps", "device", "workers", "contexts", "corpus"):
         if getattr(args, name) is not None:
             setattr(budget, name, getattr(args, name))
+    if args.corpus and not Path(args.corpus).exists():
+        raise KvlabError(f"--corpus: {args.corpus}: no such file or folder")
     if args.tokens:
         budget.steps = max(1, args.tokens // (budget.batch * budget.seq))
+        budget.lm_steps = max(1, args.tokens // (budget.lm_batch * budget.lm_seq))
     variants = None
     if args.variants:
         variants = {}
@@ -46,7 +56,9 @@ def run(args) -> int:
                 raise KvlabError(f"--variants: {path}: no such config file")
             variants[Path(path).stem] = read_config_file(path)
     out = Path(args.out)
-    compare(out, budget, variants, progress=args.progress, log=lambda m: print(m, file=sys.stderr))
+    if args.corpus:
+        budget.corpus = str(Path(args.corpus).resolve())
+    compare(out, budget, variants, log=lambda m: print(m, file=sys.stderr, flush=True))
     print((out / "compare.md").read_text())
     print(f"written: {out / 'compare.md'}, {out / 'compare.json'}, {out}/*.png")
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kvlab.cli._args import token_counts
+from kvlab.cli._args import check_new_file, token_counts
 
 
 def add_parser(sub):
@@ -23,11 +23,15 @@ def add_parser(sub):
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity (e.g. a recall-task model)")
     p.add_argument("--recall-lengths", type=token_counts, help="recall accuracy at these sequence lengths")
     p.add_argument("--recall-pairs", type=int, default=8, help="key-value pairs per recall row (default 8)")
+    p.add_argument("--recall-alphabet", type=int, help="distinct keys/values (default: as the vocab allows)")
+    p.add_argument("--recall-layout", choices=["pairs", "fused"], default="pairs",
+                   help="pairs (k v tokens, default) or fused (one token per pair)")
     p.add_argument("--context", type=token_counts, default=[64, 256, 1024],
                    help="contexts for KV bytes and speed (default 64,256,1024)")
     p.add_argument("--decode-steps", type=int, default=16, help="decode steps timed per context")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--out", help="also write the JSON result to this file")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     return p
 
 
@@ -37,6 +41,8 @@ def run(args) -> int:
     from kvlab.checkpoint import atomic_write, load
     from kvlab.eval import evaluate as ev
 
+    if args.out:
+        check_new_file(args.out, args.force)
     torch.manual_seed(0)
     model = load(args.checkpoint).eval()
     result: dict = {"checkpoint": str(args.checkpoint), "params": model.num_parameters()}
@@ -48,7 +54,10 @@ def run(args) -> int:
         texts = load_corpus(args.corpus, max_chars=args.max_chars).texts(args.split)
         result["perplexity"] = ev.perplexity(model, encode_texts(texts, tok), args.seq, args.windows)
     if args.recall_lengths:
-        result["recall"] = ev.recall_by_length(model, args.recall_lengths, args.recall_pairs)
+        from kvlab.data.recall import RecallTask
+
+        task = RecallTask(args.recall_pairs, args.recall_alphabet, args.recall_layout)
+        result["recall"] = ev.recall_by_length(model, task, args.recall_lengths)
     result["kv_bytes"] = ev.kv_bytes(model, args.context)
     result["speed"] = ev.speed(model, args.context, args.decode_steps)
     ctx = list(result["speed"])

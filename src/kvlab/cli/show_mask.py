@@ -17,6 +17,7 @@ def add_parser(sub):
     p.add_argument("--layer", type=int, default=0, help="layer index (default 0)")
     p.add_argument("--seq", type=int, default=64, help="sequence length drawn (default 64)")
     p.add_argument("--out", default="mask.png", help="PNG path (default mask.png)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     return p
 
 
@@ -44,11 +45,13 @@ def run(args) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from kvlab.cli._args import check_new_file
     from kvlab.planner import resolve_config
 
     source = args.config or args.preset
     if not source:
         raise KvlabError("give CONFIG or --preset NAME")
+    check_new_file(args.out, args.force)
     config = resolve_config(source)
     if not 0 <= args.layer < config.n_layers:
         raise KvlabError(f"--layer: must be in 0..{config.n_layers - 1}, got {args.layer}")

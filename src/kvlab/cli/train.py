@@ -12,7 +12,7 @@ from kvlab.train.trainer import TrainConfig
 # CLI flag -> TrainConfig field; None defaults mean "the saved value on --resume, else the dataclass default"
 _FIELDS = {"steps": int, "batch": int, "seq": int, "lr": float, "warmup": int, "grad_accum": int, "clip": float,
            "weight_decay": float, "eval_every": int, "eval_batches": int, "save_every": int, "seed": int,
-           "task": str, "recall_pairs": int, "device": str}
+           "task": str, "recall_pairs": int, "recall_alphabet": int, "recall_layout": str, "device": str}
 
 
 def add_parser(sub):
@@ -32,6 +32,9 @@ def add_parser(sub):
         flag = "--" + name.replace("_", "-")
         if name == "task":
             p.add_argument(flag, choices=["lm", "recall"], default=None, help="lm (default) or recall (MQAR)")
+        elif name == "recall_layout":
+            p.add_argument(flag, choices=["pairs", "fused"], default=None,
+                           help="recall rows: pairs (k v tokens, default) or fused (one token per pair)")
         else:
             p.add_argument(flag, type=kind, default=None, help=f"default {getattr(TrainConfig, name)}")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")

@@ -73,14 +73,14 @@ def speed(model, contexts: list[int], decode_steps: int = 16, repeats: int = 3) 
     return out
 
 
-def recall_by_length(model, lengths: list[int], n_pairs: int, n_samples: int = 64, seed: int = 0) -> dict:
-    """Recall accuracy (exact match of bound values) at each sequence length."""
-    from kvlab.data.recall import check_recall, recall_accuracy
+def recall_by_length(model, task, lengths: list[int], n_samples: int = 64, seed: int = 0) -> dict:
+    """Recall accuracy (exact match of bound values) of a ``RecallTask`` at each sequence length."""
+    from kvlab.data.recall import recall_accuracy
 
     out = {}
     for n in lengths:
-        check_recall(n, n_pairs, model.config.vocab_size)
-        out[n] = recall_accuracy(model, n, n_pairs, n_samples=n_samples, seed=seed)
+        task.check(n, model.config.vocab_size)
+        out[n] = recall_accuracy(model, task, n, n_samples=n_samples, seed=seed)
     return out
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from kvlab.config import ModelConfig
 from kvlab.data.corpus import ChunkSampler
-from kvlab.data.recall import RecallStream, recall_accuracy
+from kvlab.data.recall import LAYOUTS, RecallStream, RecallTask, recall_accuracy
 from kvlab.errors import KvlabError
 
 CHECKPOINT = "checkpoint"
@@ -61,6 +61,8 @@ class TrainConfig:
     seed: int = 0
     task: str = "lm"  # "lm": next-token loss on a corpus; "recall": loss on the MQAR answer positions
     recall_pairs: int = 8
+    recall_alphabet: int | None = None  # distinct keys (and values) of the recall task; None: the whole vocab
+    recall_layout: str = "pairs"  # "pairs" (k v tokens, Zoology's MQAR) or "fused" (one token per pair)
     compile: bool = False
     bf16: bool = False  # bfloat16 autocast (weights and optimizer stay fp32)
     device: str = "cpu"
@@ -78,6 +80,11 @@ class TrainConfig:
             raise KvlabError(f"train.warmup: must be a non-negative integer, got {self.warmup!r}")
         if self.task not in ("lm", "recall"):
             raise KvlabError(f"train.task: must be 'lm' or 'recall', got {self.task!r}")
+        if self.recall_layout not in LAYOUTS:
+            raise KvlabError(f"train.recall_layout: must be one of {', '.join(LAYOUTS)}, got {self.recall_layout!r}")
+
+    def recall_task(self) -> RecallTask:
+        return RecallTask(self.recall_pairs, self.recall_alphabet, self.recall_layout)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -206,9 +213,9 @@ class Trainer:
     def _streams(self, config: ModelConfig, train_ids, val_ids):
         cfg = self.cfg
         if cfg.task == "recall":
-            train = RecallStream(cfg.seq, cfg.recall_pairs, config.vocab_size, cfg.batch, cfg.seed,
-                                 self.rank, self.world)
-            return train, RecallStream(cfg.seq, cfg.recall_pairs, config.vocab_size, cfg.batch, cfg.seed + 1)
+            task = cfg.recall_task()
+            train = RecallStream(task, cfg.seq, config.vocab_size, cfg.batch, cfg.seed, self.rank, self.world)
+            return train, RecallStream(task, cfg.seq, config.vocab_size, cfg.batch, cfg.seed + 1)
         if train_ids is None or val_ids is None:
             raise KvlabError("task lm needs train and validation token ids")
         top = int(max(train_ids.max(initial=0), val_ids.max(initial=0)))
@@ -263,7 +270,7 @@ class Trainer:
             losses = [float(self._loss(self.model, self.val_data.batch_at(i))) for i in range(self.cfg.eval_batches)]
             out = {"val_loss": sum(losses) / len(losses)}
             if self.cfg.task == "recall":
-                out["recall_acc"] = recall_accuracy(self.model, self.cfg.seq, self.cfg.recall_pairs,
+                out["recall_acc"] = recall_accuracy(self.model, self.cfg.recall_task(), self.cfg.seq,
                                                     n_samples=self.cfg.batch * self.cfg.eval_batches,
                                                     seed=self.cfg.seed + 1, batch=self.cfg.batch)
         finally:
