@@ -118,3 +118,11 @@ def test_plan_hf_folder_and_kvlab_config(tmp_path, capsys):
 def test_plan_usage_errors_are_one_line(argv, capsys):
     code, _, err = run_cli(capsys, *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3", "deepseek-v4-flash", "zaya1-8b", "laguna-xs.2"])
+def test_budget_of_a_mixture_of_experts_model_is_refused_not_guessed(capsys, preset):
+    code, out, err = run_cli(capsys, "plan", "--preset", preset, "--context", "4K", "--budget", "80GiB")
+    assert code == 2 and "experts, whose weights kvlab does not count" in err and len(err.splitlines()) == 1
+    code, out, _ = run_cli(capsys, "plan", "--preset", preset, "--context", "4K")
+    assert code == 0 and "weights:" not in out  # the KV plan alone

@@ -112,12 +112,15 @@ class PlanResult:
 
 
 def weights_bytes(config: ModelConfig, elem_bytes: int) -> int | None:
-    """Parameter bytes, counted on a meta-device model (None when a layer type cannot be built)."""
+    """Parameter bytes, counted on a meta-device model (None when a layer type cannot be built, or for a
+    mixture-of-experts model, which kvlab would count as one dense MLP per layer)."""
     import torch
 
     from kvlab.errors import UnsupportedError
     from kvlab.model import Model
 
+    if config.extras.get("moe_experts"):
+        return None
     try:
         with torch.device("meta"):
             model = Model(config)
@@ -150,7 +153,9 @@ def plan(source: ModelConfig | dict | str | Path, context: int = 4096, dtype: st
     if with_weights or (with_weights is None and budget_bytes is not None):
         result.weights_bytes = weights_bytes(config, elem)
         if result.weights_bytes is None and budget_bytes is not None:
-            raise KvlabError(f"{config.name}: cannot count weights for this config; no budget estimate")
+            why = (f"a mixture of {config.extras['moe_experts']} experts, whose weights kvlab does not count"
+                   if config.extras.get("moe_experts") else "cannot count its weights")
+            raise KvlabError(f"{config.name}: {why}; the KV plan is exact, but --budget needs the weights")
     return result
 
 

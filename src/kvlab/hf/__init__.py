@@ -67,7 +67,11 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     """kvlab config of an HF config dict; field errors name the HF field."""
     family = get_family(hf, where)
     try:
-        return family.to_config(hf)
+        config = family.to_config(hf)
+        experts = hf_get(hf, "n_routed_experts", "num_experts", "num_local_experts", default=0) or 0
+        if experts > 1:  # kvlab builds dense MLPs only: the planner must not count these weights as dense
+            config.extras["moe_experts"] = int(experts)
+        return config
     except KeyError as exc:
         raise ConfigError(f"{where}: missing field {exc.args[0]!r}") from None
     except (TypeError, ValueError, AttributeError) as exc:
