@@ -132,32 +132,44 @@ def train_job(config: dict, budget_fields: dict, task: str, seed: int, folder: s
     return out
 
 
-def measure_job(config: dict, contexts: list[int], long_context: int, speed_width: int = 1,
-                device: str = "cpu") -> dict:
-    """Cache bytes (measured, and the planner's prediction) of ``config``, and prefill / decode speed of
-    ``config`` widened ``speed_width`` times, at each context. Weights are random (neither depends on
-    them). Runs alone, for clean timings."""
+def memory_job(config: dict, contexts: list[int], long_context: int, device: str = "cpu") -> dict:
+    """Cache bytes of ``config`` measured after a prefill of each context, the planner's prediction at
+    each, and the planner's bytes at ``long_context``."""
+    import torch
+
+    from kvlab.config import ModelConfig
+    from kvlab.eval.evaluate import kv_bytes
+    from kvlab.model import Model
+    from kvlab.planner import plan
+
+    model_config = ModelConfig.from_dict(config)
+    torch.manual_seed(0)
+    measured = kv_bytes(Model(model_config).to(device).eval(), contexts)
+    return {"kv_bytes": {str(n): b for n, b in measured.items()},
+            "planned_bytes": {str(n): plan(model_config, context=n).total_bytes for n in contexts},
+            "long_context_bytes": plan(model_config, context=long_context).total_bytes}
+
+
+def speed_job(configs: dict[str, dict], contexts: list[int], speed_width: int = 1, device: str = "cpu") -> dict:
+    """Prefill seconds and decode tokens/s of every config widened ``speed_width`` times (random weights:
+    speed does not depend on them), interleaved across configs so their ratios are fair, with the scaling
+    exponents (slopes of log time against log context). Runs alone, for clean timings."""
     import time
 
     import torch
 
     from kvlab.compare.variants import widen
     from kvlab.config import ModelConfig
-    from kvlab.eval.evaluate import kv_bytes, scaling_exponent, speed
+    from kvlab.eval.evaluate import scaling_exponent, speeds
     from kvlab.model import Model
-    from kvlab.planner import plan
 
     started = time.perf_counter()
-    model_config = ModelConfig.from_dict(config)
     torch.manual_seed(0)
-    measured = kv_bytes(Model(model_config).to(device).eval(), contexts)
-    timing = speed(Model(ModelConfig.from_dict(widen(config, speed_width))).to(device).eval(), contexts)
-    return {
-        "kv_bytes": {str(n): b for n, b in measured.items()},
-        "planned_bytes": {str(n): plan(model_config, context=n).total_bytes for n in contexts},
-        "long_context_bytes": plan(model_config, context=long_context).total_bytes,
-        "speed": {str(n): s for n, s in timing.items()},
-        "prefill_exponent": scaling_exponent(contexts, [timing[n]["prefill_s"] for n in contexts]),
-        "decode_exponent": scaling_exponent(contexts, [1 / timing[n]["decode_tok_s"] for n in contexts]),
-        "seconds": time.perf_counter() - started,
-    }
+    models = {name: Model(ModelConfig.from_dict(widen(config, speed_width))).to(device).eval()
+              for name, config in configs.items()}
+    timing = speeds(models, contexts)
+    out = {name: {"speed": {str(n): s for n, s in t.items()},
+                  "prefill_exponent": scaling_exponent(contexts, [t[n]["prefill_s"] for n in contexts]),
+                  "decode_exponent": scaling_exponent(contexts, [1 / t[n]["decode_tok_s"] for n in contexts])}
+           for name, t in timing.items()}
+    return {"variants": out, "seconds": time.perf_counter() - started}

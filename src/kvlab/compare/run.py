@@ -1,7 +1,7 @@
 """``compare()``: train every variant (same batches and seeds, matched parameters) on both tasks, measure
 its cache and speed, and write compare.md, compare.json and the plots. Jobs are cached on disk, so an
 interrupted comparison resumes; training jobs run in ``budget.workers`` processes side by side, while
-timings are taken afterwards, one variant at a time, so that nothing else competes for the cores."""
+timings are taken afterwards in this process alone, all variants interleaved (their ratios stay fair)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 from kvlab.checkpoint import atomic_write
-from kvlab.compare.jobs import TASKS, Budget, lm_data, measure_job, read_cached, train_job, write_cached
+from kvlab.compare.jobs import (
+    TASKS,
+    Budget,
+    lm_data,
+    memory_job,
+    read_cached,
+    speed_job,
+    train_job,
+    write_cached,
+)
 from kvlab.compare.report import markdown, plots, summarize
 from kvlab.compare.variants import DEFAULT_VARIANTS, availability, base_model, count_params, match_params
 from kvlab.errors import KvlabError
@@ -59,30 +68,46 @@ def compare(out: Path, budget: Budget, variants: dict[str, dict] | None = None, 
     runnable, results = _match(variants, needs, log)
     jobs = [(name, task, seed) for name in runnable for task in TASKS for seed in range(budget.seeds)]
     trained = _train_all(runnable, jobs, budget, out, log)
+    timing = _speed(runnable, budget, out, log)
     for name, config in runnable.items():
-        key = {"config": config, "contexts": budget.contexts, "long_context": budget.long_context,
-               "speed_width": budget.speed_width, "device": budget.device}
-        path = out / "variants" / folder_name(name) / "measure.json"
-        measured = read_cached(path, key)
-        if measured is None:
-            log(f"{name}: measuring cache bytes and speed")
-            measured = measure_job(config, budget.contexts, budget.long_context, budget.speed_width, budget.device)
-            write_cached(path, key, measured)
+        key = {"config": config, "contexts": budget.contexts, "long_context": budget.long_context}
+        path = out / "variants" / folder_name(name) / "memory.json"
+        memory = read_cached(path, key)
+        if memory is None:
+            memory = memory_job(config, budget.contexts, budget.long_context, budget.device)
+            write_cached(path, key, memory)
         runs = trained[name]
         results[name] = {"available": True, "params": runs["recall"][0]["params"],
-                         "mlp_hidden": config["mlp_hidden"], **measured,
+                         "mlp_hidden": config["mlp_hidden"], **memory, **timing["variants"][name],
                          "recall_runs": runs["recall"], "lm_runs": runs["lm"]}
     summary = summarize(results, budget)
     summary["machine"] = machine_info()
     summary["seconds"] = round(time.perf_counter() - started, 1)
-    summary["job_seconds"] = round(sum(run.get("seconds", 0.0) for r in results.values() if r.get("available")
-                                       for run in [r, *r["recall_runs"], *r["lm_runs"]]), 1)
+    summary["job_seconds"] = round(timing["seconds"] + sum(run.get("seconds", 0.0) for r in results.values()
+                                                           if r.get("available")
+                                                           for run in [*r["recall_runs"], *r["lm_runs"]]), 1)
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(out / "compare.json", lambda tmp: Path(tmp).write_text(text))
     table = markdown(summary)
     atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text(table))
     plots(summary, out)
     return summary
+
+
+def _speed(runnable: dict[str, dict], budget: Budget, out: Path, log) -> dict:
+    """Speed of every runnable variant, measured together (interleaved) and cached as one job."""
+    key = {"configs": runnable, "contexts": budget.contexts, "speed_width": budget.speed_width,
+           "device": budget.device}
+    path = out / "speed.json"
+    if not runnable:
+        return {"variants": {}, "seconds": 0.0}
+    timing = read_cached(path, key)
+    if timing is None:
+        log(f"measuring prefill and decode speed of {len(runnable)} variants at {budget.speed_width}x width, "
+            f"interleaved")
+        timing = speed_job(runnable, budget.contexts, budget.speed_width, budget.device)
+        write_cached(path, key, timing)
+    return timing
 
 
 def _match(variants: dict[str, dict], needs: dict[str, tuple[str, ...]], log) -> tuple[dict, dict]:

@@ -48,28 +48,36 @@ def kv_bytes(model, contexts: list[int]) -> dict[int, int]:
     return out
 
 
-@torch.no_grad()
 def speed(model, contexts: list[int], decode_steps: int = 16, repeats: int = 3) -> dict[int, dict]:
     """Median prefill seconds and decode tokens/s (batch 1, greedy feedback) at each context length."""
-    out = {}
-    vocab = model.config.vocab_size
-    warm = model.new_cache(1)
-    model(torch.randint(0, vocab, (1, min(contexts)), device=model.device), cache=warm)  # first-call costs
-    model(torch.zeros(1, 1, dtype=torch.long, device=model.device), cache=warm)
+    return speeds({"model": model}, contexts, decode_steps, repeats)["model"]
+
+
+@torch.no_grad()
+def speeds(models: dict, contexts: list[int], decode_steps: int = 16, repeats: int = 3) -> dict[str, dict[int, dict]]:
+    """``speed`` of several models, interleaved: each repeat times every model in turn on the same prompt,
+    so a drift in machine speed hits all of them alike and their ratios stay fair."""
+    out: dict[str, dict[int, dict]] = {name: {} for name in models}
+    for model in models.values():  # first-call costs (allocator, kernels, compilation) stay out of the timings
+        warm = model.new_cache(1)
+        model(torch.randint(0, model.config.vocab_size, (1, min(contexts)), device=model.device), cache=warm)
+        model(torch.zeros(1, 1, dtype=torch.long, device=model.device), cache=warm)
     for n in contexts:
-        prefill, decode = [], []
+        samples: dict[str, tuple[list, list]] = {name: ([], []) for name in models}
         for _ in range(repeats):
-            prompt = torch.randint(0, vocab, (1, n), device=model.device)
-            cache = model.new_cache(1, max_length=n + decode_steps)
-            t0 = time.perf_counter()
-            token = model(prompt, cache=cache, last_only=True).argmax(-1)  # [1, 1]
-            t1 = time.perf_counter()
-            for _ in range(decode_steps):
-                token = model(token, cache=cache).argmax(-1)
-            t2 = time.perf_counter()
-            prefill.append(t1 - t0)
-            decode.append(decode_steps / (t2 - t1))
-        out[n] = {"prefill_s": float(np.median(prefill)), "decode_tok_s": float(np.median(decode))}
+            tokens = torch.randint(0, min(m.config.vocab_size for m in models.values()), (1, n))
+            for name, model in models.items():
+                cache = model.new_cache(1, max_length=n + decode_steps)
+                t0 = time.perf_counter()
+                token = model(tokens.to(model.device), cache=cache, last_only=True).argmax(-1)  # [1, 1]
+                t1 = time.perf_counter()
+                for _ in range(decode_steps):
+                    token = model(token, cache=cache).argmax(-1)
+                t2 = time.perf_counter()
+                samples[name][0].append(t1 - t0)
+                samples[name][1].append(decode_steps / (t2 - t1))
+        for name, (prefill, decode) in samples.items():
+            out[name][n] = {"prefill_s": float(np.median(prefill)), "decode_tok_s": float(np.median(decode))}
     return out
 
 
