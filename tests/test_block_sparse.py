@@ -86,20 +86,26 @@ def test_longformer_cache_bounded_bigbird_cache_grows():
 
 
 @torch.no_grad()
-def test_flex_backend_matches_dense():
+def test_flex_backend_matches_dense_at_more_lengths_than_dynamos_recompile_limit(monkeypatch):
     pytest.importorskip("torch.nn.attention.flex_attention")
+    import warnings
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # as if 8 lengths had run already
     model = build(tiny_config([{**BB, "backend": "flex", "block": 16}]))
-    ids = torch.randint(0, 97, (1, 160))
     layer = model.layers[0].self_attn
-    x = model.layers[0].input_layernorm(model.embed(ids))
-    ctx = kvlab.model.ForwardContext(1, 160, 0, None, ids.device)
-    got = layer(x, ctx, None)
-    ran = layer.last_backend
-    layer.spec.backend = "dense"
-    torch.testing.assert_close(got, layer(x, ctx, None), atol=1e-4, rtol=1e-4)
-    assert ran in ("flex", "dense")
-    if ran == "dense":
-        pytest.skip("flex attention did not compile on this machine (dense fallback was used)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in range(160, 224, 16):  # 4 lengths: more kernels than the limit allows
+            ids = torch.randint(0, 97, (1, n))
+            x = model.layers[0].input_layernorm(model.embed(ids))
+            ctx = kvlab.model.ForwardContext(1, n, 0, None, ids.device)
+            layer.spec.backend = "flex"
+            got = layer(x, ctx, None)
+            if layer.last_backend == "dense":
+                pytest.skip("flex attention did not compile on this machine (dense fallback was used)")
+            layer.spec.backend = "dense"
+            torch.testing.assert_close(got, layer(x, ctx, None), atol=1e-4, rtol=1e-4)
+    assert not [w for w in caught if "without torch.compile" in str(w.message)]  # never fell back to eager
 
 
 def test_training_uses_dense_mask():

@@ -144,18 +144,29 @@ def block_sparse_mask(spec: BlockSparseSpec, ctx: ForwardContext, key_steps: tor
     return allowed.unsqueeze(1)
 
 
-_compiled_flex = None
+_compiled_flex: dict[bool, object] = {}  # dynamic -> compiled flex_attention
+_dynamic_flex_failed = False
+FLEX_RECOMPILE_LIMIT = 256  # static kernels: one per shape; dynamo's default (8) would then run flex eagerly,
+# materialising the S x T scores (21 s and gigabytes at 8K)
+
+
+def _flex(dynamic: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if dynamic not in _compiled_flex:
+        _compiled_flex[dynamic] = torch.compile(flex_attention, dynamic=dynamic)
+    return _compiled_flex[dynamic]
 
 
 def flex_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
               scale: float | None) -> torch.Tensor:
     """Compiled FlexAttention with a ``BlockMask`` built from the dense bool ``mask [B|1, 1, S, T]``:
-    fully masked blocks are skipped. Forward only on CPU."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    fully masked blocks are skipped. Forward only on CPU. A dynamic-shape kernel serves every length with
+    one compilation; where inductor cannot build it (it fails for some head shapes), one static kernel
+    per shape, with dynamo's recompile limit raised so that no length falls back to eager flex."""
+    global _dynamic_flex_failed
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
     dense = mask[:, 0]  # [B|1, S, T]
     rows = dense.shape[0]
 
@@ -163,7 +174,18 @@ def flex_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return dense[b if rows > 1 else 0, q_idx, kv_idx]
 
     block_mask = create_block_mask(mask_mod, rows, None, q.shape[2], k.shape[2], device=q.device)
-    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    kwargs = {"block_mask": block_mask, "scale": scale, "enable_gqa": k.shape[1] != q.shape[1]}
+    if not _dynamic_flex_failed:
+        try:
+            return _flex(True)(q, k, v, **kwargs)
+        except Exception as err:  # an inductor codegen failure: static kernels from now on
+            _dynamic_flex_failed = True
+            log.info("dynamic-shape flex attention failed to compile (%s); static kernels per shape",
+                     str(err).splitlines()[0] if str(err) else type(err).__name__)
+    limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
+    with torch._dynamo.config.patch(recompile_limit=limit,
+                                    accumulated_recompile_limit=max(limit, torch._dynamo.config.accumulated_recompile_limit)):
+        return _flex(False)(q, k, v, **kwargs)
 
 
 @register_module("block_sparse")
