@@ -99,3 +99,7 @@ def test_compare_user_configs_over_two_seeds_marks_noise(tmp_path, capsys):
     mark = "" if delta["real"] else " (within noise)"
     assert f"{delta['delta']:+.3f} ± {delta['spread']:.3f}{mark} |" in table
     assert main(["compare", "--variants", str(tmp_path / "missing.json"), "--out", str(out)]) == 2
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "mha.json").write_text((tmp_path / "mha.json").read_text())
+    assert main(["compare", "--variants", paths[0], str(tmp_path / "again" / "mha.json"), "--out", str(out)]) == 2
+    assert "two configs are named 'mha'" in capsys.readouterr().err

@@ -54,6 +54,9 @@ def run(args) -> int:
         for path in args.variants:
             if not Path(path).exists():
                 raise KvlabError(f"--variants: {path}: no such config file")
+            if Path(path).stem in variants:
+                raise KvlabError(f"--variants: two configs are named {Path(path).stem!r}; rename one (the file "
+                                 "name labels its row)")
             variants[Path(path).stem] = read_config_file(path)
     out = Path(args.out)
     if args.corpus:
