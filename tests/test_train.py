@@ -82,6 +82,12 @@ def test_refuses_existing_run_folder_and_bad_settings(tmp_path):
         _trainer(tmp_path / "x", batch=0)
     with pytest.raises(KvlabError, match="GiB"):
         _trainer(tmp_path / "x", batch=10_000_000, seq=256)
+    with pytest.raises(KvlabError, match="'gpu0' is not a torch device"):
+        _trainer(tmp_path / "x", device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(KvlabError, match="no usable CUDA device"):
+            _trainer(tmp_path / "x", device="cuda")
+    assert not (tmp_path / "x").exists()
 
 
 def _cli(capsys, *argv) -> tuple[int, str]:

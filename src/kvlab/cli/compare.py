@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvlab.cli._args import positive_int as positive
-from kvlab.cli._args import token_counts
+from kvlab.cli._args import positive_int, token_counts
 
 
 def add_parser(sub):
@@ -18,14 +17,14 @@ def add_parser(sub):
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
     p.add_argument("--quick", action="store_true", help="test-sized budget (under 3 minutes on 2 CPU cores)")
     p.add_argument("--variants", nargs="+", help="kvlab config files to compare instead of the default set")
-    p.add_argument("--seeds", type=positive, help="seeds per variant (default 2)")
-    p.add_argument("--steps", type=positive, help="recall-task training steps per seed")
-    p.add_argument("--lm-steps", type=positive, help="text training steps per seed")
-    p.add_argument("--tokens", type=positive, help="training tokens per seed and task (sets both step counts "
+    p.add_argument("--seeds", type=positive_int, help="seeds per variant (default 2)")
+    p.add_argument("--steps", type=positive_int, help="recall-task training steps per seed")
+    p.add_argument("--lm-steps", type=positive_int, help="text training steps per seed")
+    p.add_argument("--tokens", type=positive_int, help="training tokens per seed and task (sets both step counts "
                    "from batch x seq)")
     p.add_argument("--corpus", help="text file, folder or JSONL (default: this Python's standard library)")
     p.add_argument("--device", help="cpu (default), cuda, ...")
-    p.add_argument("--workers", type=positive, help="training processes side by side (default 2; 1 on GPUs)")
+    p.add_argument("--workers", type=positive_int, help="training processes side by side (default 2; 1 on GPUs)")
     p.add_argument("--contexts", type=token_counts, help="contexts for KV bytes and speed")
     return p
 
@@ -36,8 +35,11 @@ def run(args) -> int:
     from kvlab.compare.run import Budget, compare
     from kvlab.config import read_config_file
     from kvlab.errors import KvlabError
+    from kvlab.train.trainer import check_device
 
     budget = Budget.quick() if args.quick else Budget()
+    if args.device:
+        check_device(args.device)
     if args.device and args.device != "cpu":
         budget.workers = 1
     for name in ("seeds", "steps", "lm_steps", "device", "workers", "contexts", "corpus"):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from kvlab.cli._args import check_new_file, token_counts
+from kvlab.data.recall import LAYOUTS
 
 
 def add_parser(sub):
@@ -24,7 +25,7 @@ def add_parser(sub):
     p.add_argument("--recall-lengths", type=token_counts, help="recall accuracy at these sequence lengths")
     p.add_argument("--recall-pairs", type=int, default=8, help="key-value pairs per recall row (default 8)")
     p.add_argument("--recall-alphabet", type=int, help="distinct keys/values (default: as the vocab allows)")
-    p.add_argument("--recall-layout", choices=["pairs", "fused"], default="pairs",
+    p.add_argument("--recall-layout", choices=LAYOUTS, default="pairs",
                    help="pairs (k v tokens, default) or fused (one token per pair)")
     p.add_argument("--context", type=token_counts, default=[64, 256, 1024],
                    help="contexts for KV bytes and speed (default 64,256,1024)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from kvlab.data.recall import LAYOUTS
 from kvlab.train.trainer import TrainConfig
 
 # CLI flag -> TrainConfig field; None defaults mean "the saved value on --resume, else the dataclass default"
@@ -33,7 +34,7 @@ def add_parser(sub):
         if name == "task":
             p.add_argument(flag, choices=["lm", "recall"], default=None, help="lm (default) or recall (MQAR)")
         elif name == "recall_layout":
-            p.add_argument(flag, choices=["pairs", "fused"], default=None,
+            p.add_argument(flag, choices=LAYOUTS, default=None,
                            help="recall rows: pairs (k v tokens, default) or fused (one token per pair)")
         else:
             p.add_argument(flag, type=kind, default=None, help=f"default {getattr(TrainConfig, name)}")

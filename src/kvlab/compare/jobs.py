@@ -53,6 +53,10 @@ class Budget:
         return cls(seeds=1, steps=30, batch=16, lm_steps=20, lm_batch=8, lm_chars=400_000, lm_windows=8,
                    recall_lengths=[32, 64], recall_samples=32, contexts=[64, 128, 256], speed_width=1)
 
+    def longest(self) -> int:
+        """The longest sequence any job or measurement feeds a model (its ``max_seq_len`` must cover it)."""
+        return max(*self.contexts, *self.recall_lengths, self.lm_seq, self.seq)
+
     def job_key(self, task: str) -> dict:
         """The budget fields a training job of ``task`` depends on (its cache key)."""
         recall = ("steps", "batch", "seq", "pairs", "alphabet", "lr", "recall_lengths", "recall_samples")
@@ -89,7 +93,7 @@ def lm_data(budget: Budget) -> tuple[np.ndarray, np.ndarray]:
     return split_ids(corpus, "train", tok).astype(np.uint8), split_ids(corpus, "val", tok).astype(np.uint8)
 
 
-def train_job(config: dict, budget_fields: dict, task: str, seed: int, folder: str,
+def train_job(config: dict, budget: Budget, task: str, seed: int, folder: str,
               data: tuple[np.ndarray, np.ndarray] | None = None, threads: int | None = None) -> dict:
     """Train ``config`` on ``task`` with ``seed`` into ``folder`` and evaluate it: perplexity on held-out
     text (lm) or recall accuracy at each length (recall). Runs in a worker process."""
@@ -104,7 +108,6 @@ def train_job(config: dict, budget_fields: dict, task: str, seed: int, folder: s
     started = time.perf_counter()
     if threads is not None:
         torch.set_num_threads(threads)
-    budget = Budget(**budget_fields)
     if task == "recall":
         cfg = TrainConfig(steps=budget.steps, batch=budget.batch, seq=budget.seq, lr=budget.lr, task="recall",
                           recall_pairs=budget.pairs, recall_alphabet=budget.alphabet, recall_layout="fused",

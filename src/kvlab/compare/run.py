@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict
 from pathlib import Path
 
 from kvlab.checkpoint import atomic_write
@@ -36,8 +35,7 @@ def default_variants(budget: Budget) -> tuple[dict[str, dict], dict[str, tuple[s
     """The default variant configs and the techniques each needs."""
     variants, needs = {}, {}
     for name, (need, layers, extra) in DEFAULT_VARIANTS.items():
-        variants[name] = base_model(layers, max_seq_len=max(*budget.contexts, *budget.recall_lengths, budget.lm_seq),
-                                    **extra)
+        variants[name] = base_model(layers, max_seq_len=budget.longest(), **extra)
         needs[name] = need
     return variants, needs
 
@@ -45,8 +43,7 @@ def default_variants(budget: Budget) -> tuple[dict[str, dict], dict[str, tuple[s
 def _fit(name: str, config: dict, budget: Budget, log) -> dict:
     """A user's config made trainable by the comparison: byte vocabulary (both tasks are byte-level) and a
     ``max_seq_len`` covering every measured length. Says so when it changes either."""
-    longest = max(*budget.contexts, *budget.recall_lengths, budget.lm_seq, budget.seq)
-    fitted = {**config, "vocab_size": 256, "max_seq_len": max(longest, config.get("max_seq_len", 0))}
+    fitted = {**config, "vocab_size": 256, "max_seq_len": max(budget.longest(), config.get("max_seq_len", 0))}
     changed = [f"{key} {config.get(key)} -> {fitted[key]}" for key in ("vocab_size", "max_seq_len")
                if config.get(key) != fitted[key]]
     if changed:
@@ -143,12 +140,11 @@ def _train_all(runnable: dict[str, dict], jobs: list[tuple[str, str, int]], budg
         log(f"{len(done)} of {len(jobs)} training jobs cached")
     if todo:
         data = lm_data(budget) if any(task == "lm" for _, task, *_ in todo) else None
-        fields = asdict(budget)
         log(f"training {len(todo)} jobs in {budget.workers} process(es)")
 
         def job_args(name: str, task: str, seed: int, threads: int | None) -> tuple:
             folder = str(out / "variants" / folder_name(name) / f"{task}_seed{seed}")
-            return runnable[name], fields, task, seed, folder, data if task == "lm" else None, threads
+            return runnable[name], budget, task, seed, folder, data if task == "lm" else None, threads
 
         if budget.workers > 1:
             import multiprocessing

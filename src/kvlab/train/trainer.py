@@ -68,6 +68,7 @@ class TrainConfig:
     device: str = "cpu"
 
     def validate(self) -> None:
+        check_device(self.device)
         for name in ("steps", "batch", "seq", "grad_accum", "eval_every", "eval_batches", "save_every",
                      "recall_pairs"):
             value = getattr(self, name)
@@ -90,6 +91,19 @@ class TrainConfig:
     def from_dict(cls, data: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def check_device(name: str) -> torch.device:
+    """``name`` as a torch device this process can use; a one-line error otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise KvlabError(f"device: {name!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KvlabError(f"device: {name!r} asked for, but this torch has no usable CUDA device")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise KvlabError(f"device: {name!r} asked for, but MPS is not available here")
+    return device
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
