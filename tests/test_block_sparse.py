@@ -40,7 +40,7 @@ def explicit_mask(seq, block, local, glob, random, seed):
 def reference_layer(model, ids, mask):
     layer = model.layers[0].self_attn
     x = model.layers[0].input_layernorm(model.embed(ids))
-    ctx = kvlab.model.ForwardContext(ids.shape[0], ids.shape[1], 0, None, ids.device)
+    ctx = kvlab.model.ForwardContext(ids.shape[0], ids.shape[1], 0, None, ids.device, trace={})
     q, k, v = layer.project(x, ctx)
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
@@ -60,7 +60,7 @@ def test_block_sparse_equals_dense_attention_under_explicit_mask(spec):
     x, ctx, want = reference_layer(model, ids, mask)
     layer = model.layers[0].self_attn
     torch.testing.assert_close(layer(x, ctx, None), want, atol=1e-5, rtol=1e-5)
-    assert layer.last_backend == "dense"  # 37 queries: below the flex threshold
+    assert ctx.trace[(0, "backend")] == "dense"  # 37 queries: below the flex threshold
 
 
 def test_planner_pairs_count_the_explicit_mask():
@@ -98,10 +98,10 @@ def test_flex_backend_matches_dense_at_more_lengths_than_dynamos_recompile_limit
         for n in range(160, 224, 16):  # 4 lengths: more kernels than the limit allows
             ids = torch.randint(0, 97, (1, n))
             x = model.layers[0].input_layernorm(model.embed(ids))
-            ctx = kvlab.model.ForwardContext(1, n, 0, None, ids.device)
+            ctx = kvlab.model.ForwardContext(1, n, 0, None, ids.device, trace={})
             layer.spec.backend = "flex"
             got = layer(x, ctx, None)
-            if layer.last_backend == "dense":
+            if ctx.trace[(0, "backend")] == "dense":
                 pytest.skip("flex attention did not compile on this machine (dense fallback was used)")
             layer.spec.backend = "dense"
             torch.testing.assert_close(got, layer(x, ctx, None), atol=1e-4, rtol=1e-4)
@@ -111,8 +111,9 @@ def test_flex_backend_matches_dense_at_more_lengths_than_dynamos_recompile_limit
 def test_training_uses_dense_mask():
     model = build(tiny_config([{**LF, "backend": "auto"}])).train()
     ids = torch.randint(0, 97, (1, 300))
-    model(ids).sum().backward()
-    assert model.layers[0].self_attn.last_backend == "dense"
+    trace = {}
+    model(ids, trace=trace).sum().backward()
+    assert trace[(0, "backend")] == "dense"
 
 
 def test_validation_names_the_field():

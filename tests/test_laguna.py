@@ -8,11 +8,8 @@ from matrix import *  # noqa: F401,F403
 
 import kvlab
 from kvlab.hf import config_from_hf
-from kvlab.registry import techniques
 
 transformers = pytest.importorskip("transformers")
-HAS_SLIDING = getattr(techniques().get("sliding"), "module_cls", None) is not None
-needs_sliding = pytest.mark.skipif(not HAS_SLIDING, reason="the 'sliding' technique is not available")
 
 YARN = {"theta": 500000.0, "partial": 0.5, "max_position": 2048,
         "scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
@@ -32,11 +29,9 @@ CASES = {
     "budgeted_heads_gate_per_head": _model([_layer(4, rope=YARN), _layer(8), _layer(2, rope=YARN)]),
     "gate_per_element_partial_rope": _model([_layer(6, "element", rope={"theta": 1e4, "partial": 0.5}),
                                              _layer(2, "element")]),
+    "sliding_layers_gated": _model([_layer(4, rope=YARN), _layer(8, type="sliding", window=6),
+                                    _layer(2, "element", type="sliding", window=6)], _seq=20),
 }
-
-if HAS_SLIDING:
-    CASES["sliding_layers_gated"] = _model([_layer(4, rope=YARN), _layer(8, type="sliding", window=6),
-                                            _layer(2, "element", type="sliding", window=6)], _seq=20)
 
 LAYER_TYPES = ["full_attention", "full_attention", "full_attention"]
 MIXED_TYPES = ["full_attention", "sliding_attention", "sliding_attention"]
@@ -64,7 +59,7 @@ def hf_pair(tmp_path, **kwargs):
     return reference, kvlab.load(tmp_path / "hf").eval()
 
 
-@pytest.mark.parametrize("layer_types", [LAYER_TYPES, pytest.param(MIXED_TYPES, marks=needs_sliding)],
+@pytest.mark.parametrize("layer_types", [LAYER_TYPES, MIXED_TYPES],
                          ids=["full", "sliding"])
 @pytest.mark.parametrize("gating", ["per-element", "per-head"])
 def test_full_model_parity_with_transformers(tmp_path, gating, layer_types):
@@ -79,7 +74,7 @@ def test_full_model_parity_with_transformers(tmp_path, gating, layer_types):
         torch.testing.assert_close(torch.cat(outs, 1), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("layer_types", [LAYER_TYPES, pytest.param(MIXED_TYPES, marks=needs_sliding)],
+@pytest.mark.parametrize("layer_types", [LAYER_TYPES, MIXED_TYPES],
                          ids=["full", "sliding"])
 def test_attention_module_parity_with_transformers(tmp_path, layer_types):
     reference, model = hf_pair(tmp_path, layer_types=layer_types)
@@ -137,7 +132,6 @@ def test_mixture_of_experts_checkpoint_is_unsupported(tmp_path):
         kvlab.load(tmp_path / "moe")
 
 
-@needs_sliding
 def test_reader_maps_sliding_layers_to_the_sliding_technique():
     config = config_from_hf(_hf_dict(layer_types=MIXED_TYPES))
     assert [spec.type for spec in config.layers] == ["full", "sliding", "sliding"]

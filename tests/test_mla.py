@@ -36,19 +36,18 @@ CASES = {
 }
 
 
-def _set_path(model, path):
-    for block in model.layers:
-        if hasattr(block.self_attn, "path"):
-            block.self_attn.path = path
+def _with_path(config, path):
+    """``config`` with every MLA layer's execution ``path`` forced (a spec field)."""
+    return {**config, "layers": [{**layer, "path": path} if layer["type"] == "mla" else layer
+                                 for layer in config["layers"]]}
 
 
 @torch.no_grad()
 def test_absorbed_and_expanded_paths_agree():
-    model = build(CASES["mla_q_lora_yarn_interleaved"])
     ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(2))
     outputs = {}
     for path in ("absorbed", "expanded"):
-        _set_path(model, path)
+        model = build(_with_path(CASES["mla_q_lora_yarn_interleaved"], path))  # same seed: same weights
         full = model(ids)
         cached, _ = decode_stepwise(model, ids, [11, 6])
         torch.testing.assert_close(cached, full, atol=2e-4, rtol=1e-4)
@@ -92,8 +91,7 @@ class AllocationRecorder(TorchDispatchMode):
 @torch.no_grad()
 def _decode_step_allocations(path: str, context: int):
     spec = _mla(n_heads=8, kv_lora_rank=32, qk_nope_head_dim=16, v_head_dim=16)
-    model = build(_model([spec]))
-    _set_path(model, path)
+    model = build(_with_path(_model([spec]), path))
     ids = torch.randint(0, 97, (2, context + 1))
     cache = model.new_cache(2, max_length=context + 1)  # no buffer growth inside the recorded step
     model(ids[:, :context], cache=cache)

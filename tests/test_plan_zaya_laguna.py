@@ -3,11 +3,8 @@ from the public configs (bf16, batch 1)."""
 
 import json
 
-import pytest
-
 import kvlab
 from kvlab.cli import main
-from kvlab.registry import techniques
 
 
 def _plan_json(capsys, *argv):
@@ -25,8 +22,6 @@ def test_zaya1_8b_preset(capsys):
     assert {layer.type for layer in kvlab.plan("zaya1-8b").layers} == {"cca"}
 
 
-@pytest.mark.skipif(getattr(techniques().get("sliding"), "module_cls", None) is None,
-                    reason="the 'sliding' technique is not available")
 def test_laguna_xs2_preset(capsys):
     # every layer: K and V, 8 KV heads x 128, bf16 -> 4096 B/token; 10 full layers grow forever, the 30
     # sliding layers (window 512) stop growing once the window is full

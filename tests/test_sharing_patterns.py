@@ -14,13 +14,7 @@ from test_sharing import _model  # the same case builder as the basic sharing te
 import kvlab
 from kvlab import ModelConfig
 from kvlab.errors import ConfigError
-from kvlab.registry import techniques
 from kvlab.sharing import apply_kv_sharing, share_every, share_last
-
-HAS_SLIDING = "sliding" in techniques()
-
-
-
 
 GQA = {"type": "full", "n_heads": 4, "n_kv_heads": 2}
 MQA_NORM = {"type": "full", "n_heads": 4, "n_kv_heads": 1, "qk_norm": True}
@@ -32,9 +26,8 @@ CASES = {
     "cla3_gqa": _model([GQA] * 4, {"every": 3}),
     "cla2_mla": _model([MLA] * 3, {"every": 2}),
     "last2_full_mix": _model([MQA_NORM, GQA, GQA, GQA], {"last": 2}),  # both consumers read layer 1
+    "cla2_pattern_sliding": _model({"pattern": [SW, SW, GQA, GQA]}, {"every": 2}, n_layers=4),
 }
-if HAS_SLIDING:
-    CASES["cla2_pattern_sliding"] = _model({"pattern": [SW, SW, GQA, GQA]}, {"every": 2}, n_layers=4)
 
 
 def test_share_every_follows_an_existing_consumer_to_its_producer():
@@ -82,7 +75,6 @@ def test_cla2_halves_the_planned_cache():
     assert 2 * kvlab.plan(shared, context=100).total_bytes == kvlab.plan(plain, context=100).total_bytes
 
 
-@pytest.mark.skipif(not HAS_SLIDING, reason="the sliding technique is not available")
 @torch.no_grad()
 def test_consumer_of_windowed_producer_matches_explicit_window_reference():
     window, seq = 4, 14
@@ -113,7 +105,7 @@ def test_consumer_of_windowed_producer_matches_explicit_window_reference():
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(config=model_config(techniques=["full", "shared"] + (["sliding"] if HAS_SLIDING else [])),
+@given(config=model_config(techniques=["full", "shared", "sliding"]),
        prefill=st.integers(1, 16), decode=st.integers(1, 6))
 @torch.no_grad()
 def test_random_shared_configs_decode_like_full_forward_with_planned_bytes(config, prefill, decode):

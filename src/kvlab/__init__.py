@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from kvlab import registry as _registry  # noqa: E402,F401  (installs the technique loader; torch-free)
 from kvlab.config import LayerSpec, ModelConfig, RopeConfig  # noqa: E402
 from kvlab.errors import ConfigError, KvlabError, UnsupportedError  # noqa: E402
 

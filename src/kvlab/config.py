@@ -7,12 +7,21 @@ messages that name the offending field (``layers[3].n_kv_heads: ...``).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from kvlab.config_options import (
+    BASE_OPTIONS,
+    apply_kv_sharing,
+    spec_class,
+    validate_decoder_options,
+    validate_hyper_connections,
+    validate_per_layer_embeddings,
+)
 from kvlab.errors import ConfigError
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "float64": 8}
@@ -84,16 +93,23 @@ class RopeConfig:
 
 
 @dataclass(kw_only=True)
-class LayerSpec:
-    """What one layer's attention is. Subclassed by each technique (see ``kvlab.registry``).
+class LayerSpec(abc.ABC):
+    """What one layer's attention is: the config half of a technique (contract: docs/architecture.md).
 
-    Fields common to every technique live here so that techniques compose: ``kv_from`` (reuse
-    another layer's cache), ``kv_quant`` (quantized cache storage), a per-layer ``rope`` and
-    ``mlp_hidden`` override.
+    A technique subclasses it in ``kvlab/attention/<name>.py`` with ``@register_spec`` and defines
+    ``own_cache_bytes`` (abstract: the exact planner rule of its cache layer), ``SUPPORTED_OPTIONS`` (the
+    base options below it implements; ``validate`` rejects any other that is not at its default) and
+    ``EXAMPLES`` (small configs the test matrix runs); optionally ``validate`` (call super), FLOP rules,
+    ``label``, ``attention_pattern`` and ``WIDTH_FIELDS``. Base options: ``kv_from`` (read an earlier
+    layer's cache), ``kv_quant*`` (quantized storage), ``output_gate``, ``v_norm``/``k_eq_v``, ``qk_norm``,
+    biases; ``rope`` and ``mlp_hidden`` override the model's for any technique.
     """
 
     type: ClassVar[str] = "base"
-    supports_value_options: ClassVar[bool] = False  # the module implements v_norm and k_eq_v
+    SUPPORTED_OPTIONS: ClassVar[frozenset[str]] = frozenset()
+    EXAMPLES: ClassVar[dict[str, dict]] = {}
+    # per-layer fields that are widths (``compare --widen`` scales them); head counts and windows are not
+    WIDTH_FIELDS: ClassVar[tuple[str, ...]] = ("head_dim",)
     n_heads: int
     n_kv_heads: int | None = None  # None -> n_heads (MHA)
     head_dim: int | None = None  # None -> d_model // n_heads
@@ -133,7 +149,9 @@ class LayerSpec:
         for name in ("v_norm", "k_eq_v", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{where}{name}: must be true or false, got {getattr(self, name)!r}")
-            if name != "qk_norm" and getattr(self, name) and not self.supports_value_options:
+        defaults = {f.name: f.default for f in fields(LayerSpec)}
+        for name in BASE_OPTIONS:
+            if name not in self.SUPPORTED_OPTIONS and getattr(self, name) != defaults[name]:
                 raise ConfigError(f"{where}{name}: not supported by '{self.type}' layers")
 
     def resolved(self, cfg: ModelConfig) -> LayerSpec:
@@ -142,16 +160,29 @@ class LayerSpec:
         return dataclasses.replace(self, n_kv_heads=self.n_kv_heads or self.n_heads, head_dim=head_dim,
                                    rope=self.rope or cfg.rope, mlp_hidden=self.mlp_hidden or cfg.mlp_hidden)
 
-    # ---- planner rule (called on a resolved spec); techniques override what differs -------
+    # ---- planner rule (called on a resolved spec) ------------------------------------------
     def cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
-        """Exact bytes this layer's cache holds after ``tokens`` steps (what ``nbytes`` measures)."""
-        if self.kv_from is not None:
-            return 0
-        if self.kv_quant:  # codes + scales + zero points + full-precision residual (kvlab.cache.quantized)
-            from kvlab.cache.quantized import quantized_kv_bytes
+        """Exact bytes this layer's cache holds after ``tokens`` steps (what ``nbytes`` measures): 0 for a
+        consumer of another layer's cache (``kv_from``), else the technique's ``own_cache_bytes``."""
+        return 0 if self.kv_from is not None else self.own_cache_bytes(tokens, batch, elem_bytes)
 
-            return quantized_kv_bytes(self, tokens, batch, elem_bytes)
-        return 2 * batch * self.n_kv_heads * self.head_dim * tokens * elem_bytes
+    @abc.abstractmethod
+    def own_cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
+        """Bytes of the cache layer this technique's module builds, after ``tokens`` steps."""
+
+    def kv_window(self) -> int | None:
+        """The window a ``kv_from`` consumer must share with its producer (None: not windowed)."""
+        return None
+
+    def accepts_kv_from(self, producer: LayerSpec) -> bool:
+        """Whether this layer may read ``producer``'s cache (beyond the same technique, which always may)."""
+        return False
+
+    def attention_pattern(self, seq: int):
+        """Bool ``[seq, seq]`` (True: query row sees key column) and a caption, for ``kvlab show-mask``."""
+        import torch
+
+        return torch.ones(seq, seq, dtype=torch.bool).tril(), self.label()
 
     def mha_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
         """What plain MHA with this layer's query heads would cache: the baseline of every saving."""
@@ -187,15 +218,13 @@ class LayerSpec:
 
     @staticmethod
     def from_dict(data: dict, where: str = "") -> LayerSpec:
-        from kvlab.registry import get_technique
-
         if not isinstance(data, dict):
             raise ConfigError(f"{where.rstrip('.')}: expected an object, got {type(data).__name__}")
         data = dict(data)
         name = data.pop("type", None)
         if name is None:
             raise ConfigError(f"{where}type: missing (the attention technique, e.g. 'full')")
-        cls = get_technique(name, where=f"{where}type").spec_cls
+        cls = spec_class(name, where=f"{where}type")
         if "rope" in data:
             data["rope"] = RopeConfig.from_dict(data["rope"], f"{where}rope.")
         return _build_dataclass(cls, data, where)
@@ -217,7 +246,7 @@ class ModelConfig:
     dtype: str = "float32"
     max_seq_len: int = 4096
     name: str = "kvlab"
-    extras: dict = field(default_factory=dict)  # model-family features (e.g. embedding scale); see model.py
+    extras: dict = field(default_factory=dict)  # facts an HF family records: "moe_experts", "unsupported"
     hyper_connections: dict | None = None  # mHC residual streams {"streams": 4, ...}; see hyper_connections.py
     # decoder-style options (Gemma 2-4); see model.py and per_layer_embeddings.py
     norm_unit_offset: bool = False  # RMSNorm weights stored as w - 1, applied as (1 + w) (Gemma 1-3)
@@ -246,12 +275,9 @@ class ModelConfig:
         if self.mlp_act not in ("silu", "gelu_tanh", "gelu"):
             raise ConfigError(f"mlp_act: must be 'silu', 'gelu' or 'gelu_tanh', got {self.mlp_act!r}")
         self.dtype = canonical_dtype(self.dtype)
-        from kvlab.hyper_connections import validate_hyper_connections
-
         validate_hyper_connections(self.hyper_connections)
-        from kvlab.per_layer_embeddings import validate_decoder_options
-
         validate_decoder_options(self)
+        validate_per_layer_embeddings(self.per_layer_embeddings, self.hyper_connections)
         if not isinstance(self.layers, list) or len(self.layers) != self.n_layers:
             count = len(self.layers) if isinstance(self.layers, list) else type(self.layers).__name__
             raise ConfigError(f"layers: has {count} entries but n_layers is {self.n_layers}")
@@ -273,12 +299,11 @@ class ModelConfig:
         if producer.kv_from is not None:
             raise ConfigError(f"{where}: layer {src} itself reuses layer {producer.kv_from}; "
                               f"point at the producer ({producer.kv_from})")
-        if producer.type != spec.type and not getattr(spec, "accepts_kv_from", lambda p: False)(producer):
+        if producer.type != spec.type and not spec.accepts_kv_from(producer):
             raise ConfigError(f"{where}: layer {src} is '{producer.type}' but this layer is '{spec.type}'")
-        if hasattr(spec, "window") and getattr(spec, "window", None) != getattr(producer, "window", None):
+        if spec.kv_window() is not None and spec.kv_window() != producer.kv_window():
             raise ConfigError(f"{where}: a consumer attends to its producer's keys; its window "
-                              f"({getattr(spec, 'window', None)}) must equal layer {src}'s "
-                              f"({getattr(producer, 'window', None)})")
+                              f"({spec.kv_window()}) must equal layer {src}'s ({producer.kv_window()})")
         mine, theirs = spec.resolved(self), producer.resolved(self)
         if (mine.n_kv_heads, mine.head_dim) != (theirs.n_kv_heads, theirs.head_dim):
             raise ConfigError(f"{where}: layer {src} has {theirs.n_kv_heads} KV heads of dim "
@@ -313,8 +338,6 @@ class ModelConfig:
             pattern = layers["pattern"]
             data["layers"] = [dict(pattern[i % len(pattern)]) for i in range(int(data.get("n_layers", 0)))]
         if "kv_sharing" in data:  # {"every": k} (CLA-k) or {"last": n} (Gemma 4) -> kv_from per layer
-            from kvlab.sharing import apply_kv_sharing
-
             data["layers"] = apply_kv_sharing(data.pop("kv_sharing"), data.get("layers"))
         return _build_dataclass(cls, data, "")
 

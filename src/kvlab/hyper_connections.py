@@ -20,28 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvlab.errors import ConfigError
+from kvlab.config_options import HYPER_CONNECTION_DEFAULTS
 from kvlab.norms import RMSNorm
 
-DEFAULTS = {"streams": 4, "sinkhorn_iters": 20, "eps": 1e-6}
-
-
-def validate_hyper_connections(hc: dict | None, where: str = "hyper_connections") -> None:
-    """Check a ``hyper_connections`` config dict (None = plain residuals)."""
-    if hc is None:
-        return
-    if not isinstance(hc, dict):
-        raise ConfigError(f"{where}: expected an object like {{\"streams\": 4}} or null, got {hc!r}")
-    unknown = sorted(set(hc) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(DEFAULTS)})")
-    for name in ("streams", "sinkhorn_iters"):
-        value = hc.get(name, DEFAULTS[name])
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{where}.{name}: must be a positive integer, got {value!r}")
-    eps = hc.get("eps", DEFAULTS["eps"])
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-        raise ConfigError(f"{where}.eps: must be a non-negative number, got {eps!r}")
+DEFAULTS = HYPER_CONNECTION_DEFAULTS  # the config check: config_options.validate_hyper_connections
 
 
 def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:

@@ -24,11 +24,9 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 def build_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """Layer ``layer_idx``'s attention module: its technique's registered module class."""
     spec = cfg.layer(layer_idx)
-    technique = get_technique(spec.type)
-    if technique.module_cls is None:
-        raise UnsupportedError(f"layers[{layer_idx}]: technique '{spec.type}' can be planned but not run yet")
-    return technique.module_cls(spec, cfg, layer_idx)
+    return get_technique(spec.type).module_cls(spec, cfg, layer_idx)
 
 
 class Block(nn.Module):
@@ -42,24 +40,24 @@ class Block(nn.Module):
         self.input_layernorm = norm()
         self.self_attn = build_attention(cfg, layer_idx)
         self.post_attention_layernorm = norm()  # sandwich_norms: on the attention output, else before the MLP
-        if cfg.sandwich_norms:
-            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+        self.sandwich = cfg.sandwich_norms
+        self.pre_feedforward_layernorm = norm() if self.sandwich else None
+        self.post_feedforward_layernorm = norm() if self.sandwich else None
         self.mlp = GatedMLP(cfg.d_model, spec.mlp_hidden, cfg.mlp_act)
-        if cfg.per_layer_embeddings is not None:  # PLE: a residual update at the end of the block
-            self.per_layer = PerLayerInput(cfg.d_model, cfg.per_layer_embeddings["dim"], cfg.norm_eps,
-                                           cfg.mlp_act, cfg.norm_unit_offset)
-        if cfg.layer_scalar:
-            self.register_buffer("layer_scalar", torch.ones(1))
-        if cfg.hyper_connections is not None:  # mHC around both sublayers
-            self.attn_hc = HyperConnection(cfg.d_model, cfg.hyper_connections, cfg.norm_eps)
-            self.ffn_hc = HyperConnection(cfg.d_model, cfg.hyper_connections, cfg.norm_eps)
+        # PLE: a residual update at the end of the block (None without per_layer_embeddings)
+        self.per_layer = None if cfg.per_layer_embeddings is None else PerLayerInput(
+            cfg.d_model, cfg.per_layer_embeddings["dim"], cfg.norm_eps, cfg.mlp_act, cfg.norm_unit_offset)
+        self.register_buffer("layer_scalar", torch.ones(1) if cfg.layer_scalar else None)  # a checkpoint buffer
+        hc = cfg.hyper_connections  # mHC around both sublayers (None: plain residual sums)
+        self.attn_hc = None if hc is None else HyperConnection(cfg.d_model, hc, cfg.norm_eps)
+        self.ffn_hc = None if hc is None else HyperConnection(cfg.d_model, hc, cfg.norm_eps)
 
     def attention_branch(self, x: torch.Tensor, ctx: ForwardContext, cache_layer) -> torch.Tensor:
         out = self.self_attn(self.input_layernorm(x), ctx, cache_layer)
-        return self.post_attention_layernorm(out) if hasattr(self, "post_feedforward_layernorm") else out
+        return self.post_attention_layernorm(out) if self.sandwich else out
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "post_feedforward_layernorm"):  # sandwich norms
+        if self.sandwich:
             return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return self.mlp(self.post_attention_layernorm(x))
 
@@ -67,11 +65,11 @@ class Block(nn.Module):
         """``h [B, S, d]`` -> same (``[B, S, n, d]`` with ``n`` hyper-connection streams). Residuals are
         plain sums unless the config has ``hyper_connections`` (then each sublayer has an mHC site)."""
         attention = lambda x: self.attention_branch(x, ctx, cache_layer)  # noqa: E731
-        h = self.residual(h, attention, getattr(self, "attn_hc", None))
-        h = self.residual(h, self.mlp_branch, getattr(self, "ffn_hc", None))
-        if hasattr(self, "per_layer"):  # ctx.per_layer_inputs [B, S, L, P], set by Model.forward
+        h = self.residual(h, attention, self.attn_hc)
+        h = self.residual(h, self.mlp_branch, self.ffn_hc)
+        if self.per_layer is not None:  # ctx.per_layer_inputs [B, S, L, P], set by Model.forward
             h = h + self.per_layer(h, ctx.per_layer_inputs[:, :, self.layer_idx])
-        return h * self.layer_scalar if hasattr(self, "layer_scalar") else h
+        return h if self.layer_scalar is None else h * self.layer_scalar
 
     @staticmethod
     def residual(h: torch.Tensor, branch, hc: nn.Module | None = None) -> torch.Tensor:
@@ -104,22 +102,49 @@ def pad_offsets(attention_mask: torch.Tensor) -> torch.Tensor | None:
     return offsets if bool(offsets.any()) else None
 
 
+def _check_buildable(config: ModelConfig) -> None:
+    if config.extras.get("unsupported"):  # set by an HF family for configs it can plan but not build
+        raise UnsupportedError(f"{config.name}: {config.extras['unsupported']}")
+
+
+def _outer_modules(config: ModelConfig) -> dict[str, nn.Module | None]:
+    """The modules around the blocks, by attribute name (None: the option is off)."""
+    ple, hc = config.per_layer_embeddings, config.hyper_connections
+    return {
+        "embed_tokens": nn.Embedding(config.vocab_size, config.d_model),
+        "norm": RMSNorm(config.d_model, config.norm_eps, unit_offset=config.norm_unit_offset),
+        "per_layer_embeddings": None if ple is None else PerLayerEmbeddings(
+            config.d_model, config.n_layers, ple["dim"], ple.get("vocab", config.vocab_size), config.norm_eps),
+        "hc_head": None if hc is None else HyperHead(config.d_model, hc, config.norm_eps),
+        "lm_head": nn.Linear(config.d_model, config.vocab_size, bias=False),
+    }
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """``Model(config).num_parameters()`` without building the model: each part is made on the meta
+    device (no memory, no init) one block at a time, and only its shapes are read."""
+    _check_buildable(config)
+
+    def numel(module: nn.Module | None) -> int:
+        return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+    with torch.device("meta"):
+        outer = _outer_modules(config)
+        if config.tie_embeddings:
+            outer.pop("lm_head")  # the embedding matrix, counted once
+        return sum(map(numel, outer.values())) + sum(numel(Block(config, i)) for i in range(config.n_layers))
+
+
 class Model(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.extras.get("unsupported"):  # set by an HF family for configs it can plan but not build
-            raise UnsupportedError(f"{config.name}: {config.extras['unsupported']}")
+        _check_buildable(config)
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        outer = _outer_modules(config)
+        self.embed_tokens = outer.pop("embed_tokens")
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps, unit_offset=config.norm_unit_offset)
-        if config.per_layer_embeddings is not None:
-            ple = config.per_layer_embeddings
-            self.per_layer_embeddings = PerLayerEmbeddings(config.d_model, config.n_layers, ple["dim"],
-                                                           ple.get("vocab", config.vocab_size), config.norm_eps)
-        if config.hyper_connections is not None:
-            self.hc_head = HyperHead(config.d_model, config.hyper_connections, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        for name, module in outer.items():
+            setattr(self, name, module)
         self.reset_parameters()
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -176,19 +201,20 @@ class Model(nn.Module):
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None,
                 attention_mask: torch.Tensor | None = None, return_hidden: bool = False,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, trace: dict | None = None) -> torch.Tensor:
         """Logits ``[B, S, vocab]`` of ``input_ids [B, S]``. With ``cache``, the tokens continue what the
         cache holds and the cache is extended in place. ``attention_mask`` (1 = token, 0 = padding) may
         cover the new tokens or everything so far; padding must be on the left for cached decoding.
-        ``last_only``: logits of the last position only, ``[B, 1, vocab]`` (a prefill needs no more)."""
+        ``last_only``: logits of the last position only, ``[B, 1, vocab]`` (a prefill needs no more).
+        ``trace``: a dict the layers record into (``(layer, name) -> value``: the kernel used, entries read)."""
         batch, seq = input_ids.shape
         start = cache.step if cache is not None else 0
         pad = self._pad_offset(attention_mask, cache, batch, seq)
-        ctx = ForwardContext(batch, seq, start, pad, input_ids.device)
+        ctx = ForwardContext(batch, seq, start, pad, input_ids.device, trace)
         h = self.embed(input_ids)
-        if self.config.per_layer_embeddings is not None:
+        if self.per_layer_embeddings is not None:
             ctx.per_layer_inputs = self.per_layer_embeddings(input_ids, h)  # [B, S, L, P]
-        if self.config.hyper_connections is not None:
+        if self.hc_head is not None:
             h = widen(h, self.hc_head.n)  # [B, S, n, d]
         for i, block in enumerate(self.layers):
             h = block(h, ctx, cache.layers[i] if cache is not None else None)
@@ -196,7 +222,7 @@ class Model(nn.Module):
             cache.step += seq
         if last_only:
             h = h[:, -1:]
-        if self.config.hyper_connections is not None:
+        if self.hc_head is not None:
             h = self.hc_head(h)
         h = self.norm(h)
         if return_hidden:

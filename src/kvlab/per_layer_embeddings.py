@@ -1,4 +1,4 @@
-"""Per-layer embeddings (PLE, Gemma 3n / Gemma 4) and the validation of the decoder-style model options.
+"""Per-layer embeddings (PLE, Gemma 3n / Gemma 4); the config check is ``config_options.validate_per_layer_embeddings``.
 
 PLE gives every layer ``i`` a small vector ``e_i [P]`` per token, made of a token-identity part (a lookup in
 a ``[V, L * P]`` table, times sqrt(P)) and a context part (a projection of the scaled main embedding,
@@ -13,31 +13,8 @@ import math
 import torch
 from torch import nn
 
-from kvlab.errors import ConfigError
 from kvlab.mlp import ACTIVATIONS
 from kvlab.norms import RMSNorm
-
-
-def validate_decoder_options(cfg) -> None:
-    """Check ModelConfig's decoder-style options (``norm_unit_offset`` ... ``per_layer_embeddings``)."""
-    for name in ("norm_unit_offset", "sandwich_norms", "layer_scalar"):
-        if not isinstance(getattr(cfg, name), bool):
-            raise ConfigError(f"{name}: must be true or false, got {getattr(cfg, name)!r}")
-    for name in ("embed_scale", "logit_softcap"):
-        value = getattr(cfg, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-            raise ConfigError(f"{name}: must be a positive number or null, got {value!r}")
-    ple = cfg.per_layer_embeddings
-    if ple is None:
-        return
-    if not isinstance(ple, dict) or set(ple) - {"dim", "vocab"} or "dim" not in ple:
-        raise ConfigError(f"per_layer_embeddings: expected {{\"dim\": P, \"vocab\": V}}, got {ple!r}")
-    for key in ("dim", "vocab"):
-        value = ple.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"per_layer_embeddings.{key}: must be a positive integer, got {value!r}")
-    if cfg.hyper_connections is not None:
-        raise ConfigError("per_layer_embeddings: not supported together with hyper_connections")
 
 
 class PerLayerEmbeddings(nn.Module):

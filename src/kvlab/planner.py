@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from kvlab.config import DTYPE_BYTES, ModelConfig, canonical_dtype, read_config_file
+from kvlab.config_options import check_int
 from kvlab.errors import ConfigError, KvlabError
 
 
@@ -112,21 +113,17 @@ class PlanResult:
 
 
 def weights_bytes(config: ModelConfig, elem_bytes: int) -> int | None:
-    """Parameter bytes, counted on a meta-device model (None when a layer type cannot be built, or for a
-    mixture-of-experts model, which kvlab would count as one dense MLP per layer)."""
-    import torch
-
+    """Parameter bytes, from the parameter shapes (``kvlab.model.count_parameters``; None when a layer
+    cannot be built, or for a mixture-of-experts model, which kvlab would count as one dense MLP per layer)."""
     from kvlab.errors import UnsupportedError
-    from kvlab.model import Model
+    from kvlab.model import count_parameters
 
     if config.extras.get("moe_experts"):
         return None
     try:
-        with torch.device("meta"):
-            model = Model(config)
+        return count_parameters(config) * elem_bytes
     except UnsupportedError:
         return None
-    return model.num_parameters() * elem_bytes
 
 
 def plan(source: ModelConfig | dict | str | Path, context: int = 4096, dtype: str | None = None,
@@ -137,10 +134,8 @@ def plan(source: ModelConfig | dict | str | Path, context: int = 4096, dtype: st
     and caches; the result then says how many sequences fit.
     """
     config = resolve_config(source)
-    if not isinstance(context, int) or context < 1:
-        raise ConfigError(f"context: must be a positive integer, got {context!r}")
-    if not isinstance(batch, int) or batch < 1:
-        raise ConfigError(f"batch: must be a positive integer, got {batch!r}")
+    check_int("context", context)
+    check_int("batch", batch)
     dtype = canonical_dtype(dtype or config.dtype, "dtype")
     elem = DTYPE_BYTES[dtype]
     layers = []

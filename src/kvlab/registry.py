@@ -3,39 +3,51 @@
 Each file in ``kvlab/attention/`` registers its technique with ``@register_spec`` on its spec class and
 ``@register_module`` on its module class; the registry imports every file of that package on first use,
 so a new technique is one new file. The cache layer is created by the module (``module.new_cache_layer``)
-and the planner rule lives on the spec (``spec.cache_bytes``), so nothing else learns technique names.
+and the planner rule lives on the spec (``spec.own_cache_bytes``), so nothing else learns technique names.
+Registration checks the contract (docs/architecture.md): a spec missing its planner rule, a module
+missing ``new_cache_layer``, or a spec left without a module fails here, loudly, not later silently.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from dataclasses import dataclass
 
-from kvlab.errors import ConfigError
+from kvlab.config import LayerSpec
+from kvlab.config_options import BASE_OPTIONS, SPEC_TYPES, TECHNIQUE_LOADERS, spec_class
 
 
 @dataclass
 class Technique:
     name: str
-    spec_cls: type
-    module_cls: type | None = None  # None: plannable but not yet runnable in kvlab
+    spec_cls: type[LayerSpec]
+    module_cls: type  # the attention nn.Module: ``module(spec, cfg, layer_idx)``
     aliases: tuple[str, ...] = ()
 
 
-_TECHNIQUES: dict[str, Technique] = {}
-_ALIASES: dict[str, str] = {}
+_SPECS: dict[str, tuple[type[LayerSpec], tuple[str, ...]]] = {}
+_MODULES: dict[str, type] = {}
 _loaded = False
 
 
 def register_spec(name: str, aliases: tuple[str, ...] = ()):
-    """Class decorator for a ``LayerSpec`` subclass: registers technique ``name``."""
+    """Class decorator for a ``LayerSpec`` subclass: registers technique ``name`` (and its aliases)."""
 
     def wrap(cls):
+        if not (isinstance(cls, type) and issubclass(cls, LayerSpec)):
+            raise TypeError(f"technique '{name}': the spec must subclass kvlab.config.LayerSpec")
+        if inspect.isabstract(cls):
+            missing = ", ".join(sorted(cls.__abstractmethods__))
+            raise TypeError(f"technique '{name}': {cls.__name__} does not define {missing} (the planner rule)")
+        unknown = set(cls.SUPPORTED_OPTIONS) - set(BASE_OPTIONS)
+        if unknown:
+            raise TypeError(f"technique '{name}': SUPPORTED_OPTIONS names unknown options {sorted(unknown)}")
         cls.type = name
-        _TECHNIQUES[name] = Technique(name, cls, aliases=aliases)
-        for alias in aliases:
-            _ALIASES[alias] = name
+        _SPECS[name] = (cls, aliases)
+        for key in (name, *aliases):
+            SPEC_TYPES[key] = cls
         return cls
 
     return wrap
@@ -45,10 +57,22 @@ def register_module(name: str):
     """Class decorator for the attention ``nn.Module`` implementing technique ``name``."""
 
     def wrap(cls):
-        _TECHNIQUES[name].module_cls = cls
+        if name not in _SPECS:
+            raise TypeError(f"technique '{name}': register its spec (@register_spec) before its module")
+        if not callable(getattr(cls, "new_cache_layer", None)):
+            raise TypeError(f"technique '{name}': {cls.__name__} has no new_cache_layer(batch, dtype, device, built)")
+        _MODULES[name] = cls
         return cls
 
     return wrap
+
+
+def unregister(name: str) -> None:
+    """Remove technique ``name`` (tests that register a toy technique clean up with this)."""
+    _, aliases = _SPECS.pop(name)
+    _MODULES.pop(name, None)
+    for key in (name, *aliases):
+        SPEC_TYPES.pop(key, None)
 
 
 def _load_all() -> None:
@@ -61,17 +85,19 @@ def _load_all() -> None:
     for info in pkgutil.iter_modules(pkg.__path__):
         if not info.name.startswith("_"):
             importlib.import_module(f"kvlab.attention.{info.name}")
+    orphans = sorted(set(_SPECS) - set(_MODULES))
+    if orphans:
+        raise TypeError(f"technique '{orphans[0]}': a spec without a module (@register_module)")
+
+
+TECHNIQUE_LOADERS.append(_load_all)
 
 
 def get_technique(name: str, where: str = "type") -> Technique:
-    _load_all()
-    name = _ALIASES.get(name, name)
-    if name not in _TECHNIQUES:
-        known = ", ".join(sorted(_TECHNIQUES))
-        raise ConfigError(f"{where}: unknown technique {name!r} (known: {known})")
-    return _TECHNIQUES[name]
+    cls = spec_class(name, where)  # loads the technique files; unknown names -> ConfigError
+    return Technique(cls.type, cls, _MODULES[cls.type], _SPECS[cls.type][1])
 
 
 def techniques() -> dict[str, Technique]:
     _load_all()
-    return dict(_TECHNIQUES)
+    return {name: get_technique(name) for name in _SPECS}

@@ -6,9 +6,12 @@ new tokens come from the forward context (``step - left padding``).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import torch
+from torch import nn
 
 from kvlab.config import RopeConfig
 from kvlab.errors import ConfigError
@@ -22,18 +25,18 @@ def rope_frequencies(rope: RopeConfig, rot_dim: int) -> tuple[torch.Tensor, floa
     base = torch.arange(0, rot_dim, 2, dtype=torch.int64, device="cpu").float() / rot_dim
     inv_freq = 1.0 / (rope.theta ** base)
     scaling = dict(rope.scaling or {})
-    kind = _scaling_kind(rope)
-    if kind == "default":
+    rope_type = scaling_type(rope)
+    if rope_type == "default":
         return inv_freq, 1.0
-    if kind == "linear":
+    if rope_type == "linear":
         return inv_freq / float(scaling["factor"]), 1.0
-    if kind == "llama3":
+    if rope_type == "llama3":
         return _llama3(inv_freq, scaling), 1.0
-    if kind == "yarn":
+    if rope_type == "yarn":
         return _yarn(rope, rot_dim, scaling)
-    if kind == "proportional":  # Gemma 4: frequencies over the full head dim, only a prefix rotates
+    if rope_type == "proportional":  # Gemma 4: frequencies over the full head dim, only a prefix rotates
         return _proportional(rope, rot_dim, scaling)
-    raise ConfigError(f"rope.scaling.type: unsupported RoPE scaling {kind!r} "
+    raise ConfigError(f"rope.scaling.type: unsupported RoPE scaling {rope_type!r} "
                       "(supported: default, linear, llama3, yarn, proportional)")
 
 
@@ -99,49 +102,53 @@ def _proportional(rope: RopeConfig, head_dim: int, s: dict) -> tuple[torch.Tenso
     return inv_freq / float(s.get("factor", 1.0)), 1.0
 
 
-def _scaling_kind(rope: RopeConfig) -> str:
+def scaling_type(rope: RopeConfig) -> str:
+    """HF's ``rope_type`` of ``rope.scaling`` (``"default"`` without scaling)."""
     scaling = rope.scaling or {}
     return scaling.get("rope_type", scaling.get("type", "default"))
 
 
-class Rotary:
-    """cos/sin tables for one (RopeConfig, head_dim), grown on demand, and their application."""
+class Rotary(nn.Module):
+    """RoPE of one (RopeConfig, head_dim), owned by the attention module that applies it.
+
+    The inverse frequencies are a non-persistent buffer (not in the state dict, moved by ``.to(device)``
+    but never cast: they stay fp32 whatever the model dtype). cos/sin are computed from the positions
+    of each forward (no table to grow, no host sync); ``ForwardContext.cos_sin`` computes them once per
+    forward for all layers with the same ``key``."""
 
     def __init__(self, rope: RopeConfig, head_dim: int):
+        super().__init__()
         self.rot_dim = int(head_dim * rope.partial) // 2 * 2
-        if _scaling_kind(rope) == "proportional":  # partial is expressed by zero frequencies instead
+        if scaling_type(rope) == "proportional":  # partial is expressed by zero frequencies instead
             self.rot_dim = head_dim // 2 * 2
         self.interleaved = rope.interleaved
-        self.inv_freq, self.attention_factor = rope_frequencies(rope, self.rot_dim)
-        self._cos = self._sin = torch.empty(0, self.rot_dim, device="cpu")
+        inv_freq, self.attention_factor = rope_frequencies(rope, self.rot_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.key = (json.dumps(dataclasses.asdict(rope), sort_keys=True), head_dim)  # equal RoPE, equal key
 
-    def _grow(self, length: int) -> None:
-        length = max(length, 2 * self._cos.shape[0], 256)
-        positions = torch.arange(length, dtype=torch.float32, device="cpu")
-        freqs = positions[:, None] * self.inv_freq[None, :]  # [T, rot/2]
-        if self.interleaved:
-            emb = freqs.repeat_interleave(2, dim=-1)
-        else:
-            emb = torch.cat([freqs, freqs], dim=-1)  # [T, rot]
-        self._cos, self._sin = emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+    def _apply(self, fn, recurse=True):
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)  # follow the device, keep fp32
+        return self
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions ``[B, S]`` -> cos, sin ``[B, 1, S, rot_dim]`` (broadcast over heads)."""
-        needed = int(positions.max()) + 1 if positions.numel() else 0
-        if needed > self._cos.shape[0]:
-            self._grow(needed)
-        if self._cos.device != positions.device:
-            self._cos, self._sin = self._cos.to(positions.device), self._sin.to(positions.device)
-        return (self._cos[positions].unsqueeze(1).to(dtype), self._sin[positions].unsqueeze(1).to(dtype))
+        inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float().unsqueeze(-1) * inv_freq  # [B, S, rot/2]
+        emb = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+        return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate the first ``rot_dim`` channels of ``x [B, H, S, D]``."""
         if self.rot_dim == x.shape[-1]:
-            return x * cos + self._rotate(x) * sin
+            return x * cos + self.rotate(x) * sin
         rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim:]
-        return torch.cat([rot * cos + self._rotate(rot) * sin, rest], dim=-1)
+        return torch.cat([rot * cos + self.rotate(rot) * sin, rest], dim=-1)
 
-    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """The 90-degree rotation of each pair: ``(a, b) -> (-b, a)`` (interleaved or half-split pairs)."""
         if self.interleaved:
             pairs = x.unflatten(-1, (-1, 2))  # [..., D/2, 2]
             return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)

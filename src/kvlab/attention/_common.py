@@ -9,33 +9,24 @@ A key at step ``s`` is visible to a query at step ``t`` iff ``s <= t`` (causal),
 
 from __future__ import annotations
 
-import functools
-import json
-from dataclasses import asdict
-
 import torch
 import torch.nn.functional as F
 
-from kvlab.config import RopeConfig
 from kvlab.rope import Rotary
 
 
-@functools.cache
-def _rotary(key: str, head_dim: int) -> Rotary:
-    return Rotary(RopeConfig(**json.loads(key)), head_dim)
-
-
-def get_rotary(rope: RopeConfig, head_dim: int) -> Rotary:
-    """A shared ``Rotary`` per (rope config, head_dim): layers with the same RoPE share tables."""
-    return _rotary(json.dumps(asdict(rope), sort_keys=True), head_dim)
-
-
 class ForwardContext:
-    """Per-forward information shared by all layers; memoizes masks and cos/sin tables."""
+    """Per-forward information shared by all layers; memoizes masks and cos/sin.
+
+    Modules never write their own attributes in ``forward``; what they publish for others goes here:
+    ``shared[layer]`` (a producer's keys for its ``kv_from`` consumers) and, when the caller passes a
+    ``trace`` dict, observations keyed ``(layer_idx, name)`` (the kernel a layer ran, entries it read).
+    """
 
     def __init__(self, batch: int, seq_len: int, start: int, pad_offset: torch.Tensor | None,
-                 device: torch.device):
+                 device: torch.device, trace: dict | None = None):
         self.batch, self.seq_len, self.start, self.device = batch, seq_len, start, device
+        self.trace = trace  # None: nothing recorded
         self.pad_offset = pad_offset  # [B] long or None
         steps = torch.arange(start, start + seq_len, device=device)
         self.query_steps = steps  # [S]
@@ -44,10 +35,16 @@ class ForwardContext:
         else:
             self.positions = (steps.unsqueeze(0) - pad_offset.unsqueeze(1)).clamp_min(0)
         self.shared: dict[int, object] = {}  # producer layer index -> what its consumers read
+        self.per_layer_inputs: torch.Tensor | None = None  # [B, S, L, P]: PLE, set by Model.forward
         self._memo: dict = {}
 
+    def record(self, layer_idx: int, name: str, value: object) -> None:
+        """Note what layer ``layer_idx`` did (``trace[(layer_idx, name)] = value``) if tracing."""
+        if self.trace is not None:
+            self.trace[(layer_idx, name)] = value
+
     def cos_sin(self, rotary: Rotary, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = ("rope", id(rotary), dtype)
+        key = ("rope", rotary.key, dtype)
         if key not in self._memo:
             self._memo[key] = rotary.cos_sin(self.positions, dtype)
         return self._memo[key]
@@ -110,24 +107,3 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(mask.shape[0], 1, group * seq, -1)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     return out.view(batch, heads, seq, v.shape[-1])
-
-
-def output_gate_proj(spec, d_model: int) -> torch.nn.Linear | None:
-    """``g_proj`` of a softplus output gate (Laguna's ``output_gate``): one gate per head ("head") or
-    per output channel ("element"), computed from the layer input; None when the spec has no gate."""
-    if getattr(spec, "output_gate", None) is None:
-        return None
-    width = spec.n_heads if spec.output_gate == "head" else spec.n_heads * spec.head_dim
-    return torch.nn.Linear(d_model, width, bias=False)
-
-
-def apply_output_gate(g_proj: torch.nn.Linear | None, x: torch.Tensor, out: torch.Tensor,
-                      n_heads: int) -> torch.Tensor:
-    """Scale the attention output ``out [B, S, H*Dv]`` by ``softplus(g_proj(x))`` (fp32), ``x [B, S, d]``
-    being the layer input; before ``o_proj``. Identity without a gate."""
-    if g_proj is None:
-        return out
-    gate = F.softplus(g_proj(x).float()).to(out.dtype)  # [B, S, H] or [B, S, H*Dv]
-    if gate.shape[-1] == n_heads and out.shape[-1] != n_heads:
-        return (out.unflatten(-1, (n_heads, -1)) * gate.unsqueeze(-1)).flatten(-2)
-    return out * gate

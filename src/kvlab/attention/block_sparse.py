@@ -18,22 +18,26 @@ slots): bytes stop growing. With random blocks any past block may be drawn later
 
 Kernels: ``torch.compile(flex_attention)`` with a ``BlockMask`` where it runs (inference on CPU; no CPU
 backward in torch 2.13), else SDPA with the dense boolean mask. ``backend`` picks ("auto" uses flex for
-grad-free forwards of at least ``FLEX_MIN_QUERIES`` queries); ``module.last_backend`` records which ran.
+grad-free forwards of at least ``FLEX_MIN_QUERIES`` queries); a traced forward records which ran
+(``trace[(layer, "backend")]``, see ``ForwardContext``).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from kvlab.attention._common import ForwardContext, grouped_sdpa
 from kvlab.attention.full import FullAttention, FullSpec, KVCacheLayer
 from kvlab.attention.sliding import WindowKVCacheLayer
-from kvlab.cache.base import CacheLayer, SharedCacheLayer
+from kvlab.cache.base import CacheLayer
+from kvlab.config_options import check_ints
 from kvlab.errors import ConfigError
 from kvlab.registry import register_module, register_spec
+from kvlab.sharing import shared_cache_layer
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +55,23 @@ class BlockSparseSpec(FullSpec):
     seed: int = 0
     backend: str = "auto"  # "auto" | "dense" | "flex"
 
+    SUPPORTED_OPTIONS: ClassVar[frozenset[str]] = FullSpec.SUPPORTED_OPTIONS - {"kv_quant"}
+    EXAMPLES: ClassVar[dict[str, dict]] = {
+        "longformer_gqa": {"layers": [{"type": "block_sparse", "n_heads": 4, "n_kv_heads": 2, "block": 3,
+                                       "local_blocks": 2, "global_blocks": 1}], "_seq": 20},
+        "bigbird_shared": {"layers": [{"type": "block_sparse", "n_heads": 4, "block": 2, "local_blocks": 2,
+                                       "global_blocks": 1, "random_blocks": 1, "seed": 3},
+                                      {"type": "block_sparse", "n_heads": 4, "block": 2, "local_blocks": 2,
+                                       "global_blocks": 1, "random_blocks": 1, "seed": 3, "kv_from": 0}],
+                           "_seq": 20},
+    }
+
     def validate(self, where: str) -> None:
         super().validate(where)
-        for name, low in (("block", 1), ("local_blocks", 1), ("global_blocks", 0), ("random_blocks", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{where}{name}: must be an integer >= {low}, got {value!r}")
+        check_ints(where, block=self.block, local_blocks=self.local_blocks)
+        check_ints(where, low=0, global_blocks=self.global_blocks, random_blocks=self.random_blocks)
         if self.backend not in ("auto", "dense", "flex"):
             raise ConfigError(f"{where}backend: must be 'auto', 'dense' or 'flex', got {self.backend!r}")
-        if self.kv_quant:
-            raise ConfigError(f"{where}kv_quant: not supported on block-sparse layers")
 
     def accepts_kv_from(self, producer) -> bool:
         """A block-sparse consumer reads a producer with the very same pattern (it reuses its mask)."""
@@ -73,8 +84,8 @@ class BlockSparseSpec(FullSpec):
         """True when the cache holds only the window and the global tokens (no random blocks)."""
         return self.random_blocks == 0
 
-    def cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
-        if self.kv_from is not None or tokens == 0:
+    def own_cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
+        if tokens == 0:
             return 0
         slots = min(tokens, self.local_blocks * self.block) + self.global_blocks * self.block \
             if self.bounded else tokens
@@ -100,6 +111,10 @@ class BlockSparseSpec(FullSpec):
             base += f"+{self.random_blocks}r (compute saving only)"
         kv = self.n_kv_heads or self.n_heads
         return base if kv == self.n_heads else f"{base} {super().label()}"
+
+    def attention_pattern(self, seq: int):
+        ctx = ForwardContext(1, seq, 0, None, torch.device("cpu"))
+        return block_sparse_mask(self, ctx, torch.arange(seq))[0, 0], self.label()
 
 
 def random_block_table(n_query_blocks: int, n_key_blocks: int, local: int, glob: int, count: int,
@@ -192,14 +207,11 @@ def flex_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 class BlockSparseAttention(FullAttention):
     """Full attention's projections with a block-sparse mask; flex or dense-mask kernel."""
 
-    def __init__(self, spec: BlockSparseSpec, cfg, layer_idx: int):
-        super().__init__(spec, cfg, layer_idx)
-        self.last_backend: str | None = None  # "flex" or "dense": the kernel the last forward used
-
     def new_cache_layer(self, batch: int, dtype: torch.dtype, device, built: list[CacheLayer]) -> CacheLayer:
         spec = self.spec
-        if not self.owns_kv:
-            return SharedCacheLayer(built[spec.kv_from])
+        shared = shared_cache_layer(spec, built)
+        if shared is not None:
+            return shared
         if spec.bounded:
             return WindowKVCacheLayer(batch, self.n_kv_heads, self.head_dim, spec.local_blocks * spec.block,
                                       spec.global_blocks * spec.block, dtype, device)
@@ -245,14 +257,14 @@ class BlockSparseAttention(FullAttention):
             return grad_free
         return grad_free and q.shape[2] >= FLEX_MIN_QUERIES
 
-    def attend(self, q, k, v, mask):
+    def attend(self, q, k, v, mask, ctx: ForwardContext):
         if self.use_flex(q):
             try:
                 out = flex_sdpa(q, k, v, mask, self.scale)
-                self.last_backend = "flex"
+                ctx.record(self.layer_idx, "backend", "flex")
                 return out
             except Exception as err:  # compile unavailable (no compiler, unsupported shape): fall back
                 log.info("block_sparse layer %d: flex attention unavailable (%s); dense mask used",
                          self.layer_idx, err)
-        self.last_backend = "dense"
+        ctx.record(self.layer_idx, "backend", "dense")
         return grouped_sdpa(q, k, v, mask, causal=True, scale=self.scale)

@@ -21,22 +21,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from kvlab.attention._common import (
-    ForwardContext,
-    apply_output_gate,
-    get_rotary,
-    grouped_sdpa,
-    output_gate_proj,
-)
-from kvlab.attention.full import FullAttention, KVCacheLayer
-from kvlab.attention.sliding import SlidingAttention, WindowKVCacheLayer
+from kvlab.attention._common import ForwardContext, grouped_sdpa
+from kvlab.attention._gate import apply_output_gate, output_gate_proj
+from kvlab.attention.full import KVCacheLayer, causal_keys_values
+from kvlab.attention.sliding import WindowKVCacheLayer, window_keys_values
 from kvlab.cache.base import CacheLayer
 from kvlab.config import ConfigError, LayerSpec, _check_positive
 from kvlab.registry import register_module, register_spec
+from kvlab.rope import Rotary
 
 
 @register_spec("cca", aliases=("compressed_convolutional",))
@@ -48,6 +45,16 @@ class CCASpec(LayerSpec):
     conv_grouped: int = 2  # kernel of the per-head grouped conv over time (cca_time1)
     window: int | None = None  # ZAYA's "hybrid_sliding": a query sees the last `window` steps (itself included)
 
+    # kv_from: its conv state is per layer; kv_quant: not implemented; qk_norm: always L2 (+ temperature)
+    SUPPORTED_OPTIONS: ClassVar[frozenset[str]] = frozenset({"output_gate", "qkv_bias", "o_bias"})
+    EXAMPLES: ClassVar[dict[str, dict]] = {
+        "gqa_gate_conv3": {"layers": [{"type": "cca", "n_heads": 4, "n_kv_heads": 2, "head_dim": 8,
+                                       "conv_depthwise": 3, "conv_grouped": 2, "output_gate": "head",
+                                       "qkv_bias": True},
+                                      {"type": "cca", "n_heads": 4, "n_kv_heads": 2, "head_dim": 8,
+                                       "window": 5, "rope": {"theta": 1e4, "partial": 0.5}}], "_seq": 20},
+    }
+
     @property
     def conv_context(self) -> int:
         """Past tokens the two convolutions read: the length of the cached conv state."""
@@ -57,13 +64,6 @@ class CCASpec(LayerSpec):
         super().validate(where)
         _check_positive(where, conv_depthwise=self.conv_depthwise, conv_grouped=self.conv_grouped,
                         window=self.window)
-        if self.kv_from is not None:
-            raise ConfigError(f"{where}kv_from: a 'cca' layer computes its own keys (its conv state is per layer)")
-        if self.kv_quant:
-            raise ConfigError(f"{where}kv_quant: not supported for 'cca' layers")
-        if self.qk_norm:
-            raise ConfigError(f"{where}qk_norm: 'cca' always L2-normalises q/k (with a key temperature); "
-                              "leave qk_norm false")
         kv, hd = self.n_kv_heads or self.n_heads, self.head_dim
         if hd is not None and (kv * hd) % 2:
             raise ConfigError(f"{where}head_dim: n_kv_heads * head_dim ({kv * hd}) must be even "
@@ -83,7 +83,7 @@ class CCASpec(LayerSpec):
             return super().attended_pairs(seq_len)
         return super().attended_pairs(self.window) + (seq_len - self.window) * self.window
 
-    def cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
+    def own_cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
         kv = 2 * self.n_kv_heads * self.head_dim * self.cached_tokens(tokens)
         return batch * (kv + self.state_elements()) * elem_bytes
 
@@ -140,9 +140,8 @@ class CCAttention(nn.Module):
         self.temp = nn.Parameter(torch.ones(kv))
         self.o_proj = nn.Linear(h * hd, d, bias=spec.o_bias)
         self.g_proj = output_gate_proj(spec, d)
-        self.rotary = get_rotary(spec.rope, hd)
+        self.rotary = Rotary(spec.rope, hd)
         self.scale = spec.softmax_scale
-        self.window, self.sinks = spec.window, 0  # what the sliding technique's keys_values reads
 
     def new_cache_layer(self, batch: int, dtype: torch.dtype, device, built: list[CacheLayer]) -> CacheLayer:
         if self.spec.window is not None:
@@ -195,9 +194,9 @@ class CCAttention(nn.Module):
         cos, sin = ctx.cos_sin(self.rotary, q.dtype)
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
         if self.spec.window is not None:  # the sliding technique's ring buffer and window mask
-            k, v, mask = SlidingAttention.keys_values(self, k, v, ctx, cache)
+            k, v, mask = window_keys_values(k, v, ctx, cache, self.spec.window, 0)
         else:
-            k, v, mask = FullAttention.keys_values(self, k, v, ctx, cache)
+            k, v, mask = causal_keys_values(k, v, ctx, cache)
         out = grouped_sdpa(q, k, v, mask, causal=True, scale=self.scale)  # [B, H, S, D]
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
         return self.o_proj(apply_output_gate(self.g_proj, x, out, self.n_heads))

@@ -30,20 +30,25 @@ Planner (no padding, T tokens, elem bytes b):
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kvlab.attention._common import ForwardContext, get_rotary
-from kvlab.cache.base import CacheLayer, GrowingBuffer
+from kvlab.attention._common import ForwardContext
+from kvlab.attention._v4 import Compressor, Indexer, IndexerScorer, V4CacheLayer, rope_tail
+from kvlab.cache.base import CacheLayer
 from kvlab.config import LayerSpec
+from kvlab.config_options import check_ints
 from kvlab.errors import ConfigError
 from kvlab.norms import RMSNorm
 from kvlab.registry import register_module, register_spec
 from kvlab.rope import Rotary
 
-NEG = -1.0e30  # "empty slot" gate logit: exp underflows to exactly 0 without producing NaN
+__all__ = ["CSASpec", "CSAttention", "Compressor", "HCASpec", "HCAttention", "Indexer", "IndexerScorer",
+           "V4CacheLayer", "V4SlidingAttention", "V4SlidingSpec", "rope_tail"]
+_V4 = {"n_heads": 4, "head_dim": 16, "q_lora_rank": 12, "o_groups": 2, "o_lora_rank": 8, "window": 5,
+       "rope": {"theta": 10000.0, "partial": 0.5, "interleaved": True}}
 
 
 # ---- specs ------------------------------------------------------------------------------------
@@ -57,24 +62,20 @@ class V4SlidingSpec(LayerSpec):
     o_groups: int = 1
     o_lora_rank: int = 64
 
+    SUPPORTED_OPTIONS: ClassVar[frozenset[str]] = frozenset()  # V4 norms q and kv itself, no biases
+    WIDTH_FIELDS: ClassVar[tuple[str, ...]] = ("head_dim", "q_lora_rank", "o_lora_rank")
+    EXAMPLES: ClassVar[dict[str, dict]] = {"window_sinks_grouped_out": {"layers": [{"type": "v4_sliding", **_V4}],
+                                                                         "_seq": 20}}
+
     def validate(self, where: str) -> None:
         super().validate(where)
-        _check = {"window": self.window, "q_lora_rank": self.q_lora_rank, "o_groups": self.o_groups,
-                  "o_lora_rank": self.o_lora_rank}
-        for name, value in _check.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{where}{name}: must be a positive integer, got {value!r}")
+        check_ints(where, window=self.window, q_lora_rank=self.q_lora_rank, o_groups=self.o_groups,
+                   o_lora_rank=self.o_lora_rank)
         if self.n_kv_heads not in (None, 1):
             raise ConfigError(f"{where}n_kv_heads: {self.type} has one shared K=V head, got {self.n_kv_heads}")
         if self.n_heads % self.o_groups:
             raise ConfigError(f"{where}o_groups: n_heads ({self.n_heads}) is not divisible by o_groups "
                               f"({self.o_groups})")
-        for name in ("kv_from", "kv_quant", "output_gate"):
-            if getattr(self, name) is not None:
-                raise ConfigError(f"{where}{name}: not supported by '{self.type}' layers")
-        for name in ("qk_norm", "qkv_bias", "o_bias"):
-            if getattr(self, name):
-                raise ConfigError(f"{where}{name}: not supported by '{self.type}' layers (V4 norms q and kv itself)")
 
     def resolved(self, cfg) -> V4SlidingSpec:
         return replace(super().resolved(cfg), n_kv_heads=1)
@@ -83,7 +84,7 @@ class V4SlidingSpec(LayerSpec):
     def _window_bytes(self, tokens: int) -> int:
         return min(tokens, self.window - 1) * self.head_dim
 
-    def cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
+    def own_cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
         return batch * elem_bytes * self._window_bytes(tokens)
 
     def _compressed_seen(self, seq_len: int) -> int:
@@ -96,6 +97,14 @@ class V4SlidingSpec(LayerSpec):
 
     def label(self) -> str:
         return f"V4-SWA{self.window}"
+
+    def attention_pattern(self, seq: int):
+        """Window keys, then the compressed entries each query sees (drawn at the entry's last token)."""
+        q, k = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+        return (k <= q) & ((k > q - self.window) | self._entry_pattern(q, k)), self.label()
+
+    def _entry_pattern(self, q, k):
+        return torch.zeros(q.shape[0], k.shape[1], dtype=torch.bool)
 
 
 def _floor_sum(n: int, m: int) -> int:
@@ -113,15 +122,17 @@ class HCASpec(V4SlidingSpec):
 
     compress_rate: int = 128
 
+    EXAMPLES: ClassVar[dict[str, dict]] = {"rate3_after_sliding": {
+        "layers": [{"type": "hca", **_V4, "compress_rate": 3}, {"type": "v4_sliding", **_V4}], "_seq": 20}}
+
     def validate(self, where: str) -> None:
         super().validate(where)
-        if isinstance(self.compress_rate, bool) or not isinstance(self.compress_rate, int) or self.compress_rate < 1:
-            raise ConfigError(f"{where}compress_rate: must be a positive integer, got {self.compress_rate!r}")
+        check_ints(where, compress_rate=self.compress_rate)
 
     def _ring_width(self) -> int:
         return self.head_dim
 
-    def cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
+    def own_cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
         entries = tokens // self.compress_rate * self.head_dim
         ring = 2 * self.compress_rate * self._ring_width()
         return batch * elem_bytes * (self._window_bytes(tokens) + entries + ring)
@@ -131,6 +142,9 @@ class HCASpec(V4SlidingSpec):
 
     def label(self) -> str:
         return f"HCA/{self.compress_rate}"
+
+    def _entry_pattern(self, q, k):  # every complete entry: its last token stands for it
+        return (k + 1) % self.compress_rate == 0
 
 
 @register_spec("csa", aliases=("compressed_sparse_attention",))
@@ -144,17 +158,20 @@ class CSASpec(HCASpec):
     index_head_dim: int = 32
     index_topk: int = 64
 
+    WIDTH_FIELDS: ClassVar[tuple[str, ...]] = V4SlidingSpec.WIDTH_FIELDS + ("index_head_dim",)
+    EXAMPLES: ClassVar[dict[str, dict]] = {"topk3_overlap": {
+        "layers": [{"type": "csa", **_V4, "compress_rate": 2, "index_n_heads": 2, "index_head_dim": 8,
+                    "index_topk": 3}], "_seq": 20}}
+
     def validate(self, where: str) -> None:
         super().validate(where)
-        for name in ("index_n_heads", "index_head_dim", "index_topk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{where}{name}: must be a positive integer, got {value!r}")
+        check_ints(where, index_n_heads=self.index_n_heads, index_head_dim=self.index_head_dim,
+                   index_topk=self.index_topk)
 
     def _ring_width(self) -> int:
         return 2 * self.head_dim + 2 * self.index_head_dim
 
-    def cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
+    def own_cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
         entries = tokens // self.compress_rate * (self.head_dim + self.index_head_dim)
         ring = 2 * self.compress_rate * self._ring_width()
         overlap = 2 * self.compress_rate * (self.head_dim + self.index_head_dim)
@@ -182,204 +199,18 @@ class CSASpec(HCASpec):
     def label(self) -> str:
         return f"CSA/{self.compress_rate}k{self.index_topk}"
 
-
-# ---- helpers ----------------------------------------------------------------------------------
-def rope_tail(rotary: Rotary, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the trailing ``rotary.rot_dim`` channels of ``x [..., S, D]`` (V4's ``[nope | rope]``
-    layout); cos/sin broadcast against ``x[..., -rot_dim:]``."""
-    rot = rotary.rot_dim
-    if rot == 0:
-        return x
-    head, tail = x[..., :-rot], x[..., -rot:]
-    return torch.cat([head, tail * cos + rotary._rotate(tail) * sin], dim=-1)
+    def attention_pattern(self, seq: int):
+        pattern, _ = super().attention_pattern(seq)  # candidates: the indexer picks top-k of these per query
+        return pattern, f"{self.label()} (top-{self.index_topk} of the drawn entries, chosen per query)"
 
 
-class Compressor(nn.Module):
-    """Pools every ``rate`` real tokens of a row into one ``dim``-wide entry (parameter names as
-    transformers' ``DeepseekV4{HCA,CSA}Compressor``). ``overlap``: CSA's two series (width 2 dim)."""
-
-    def __init__(self, d_model: int, dim: int, rate: int, overlap: bool, eps: float):
-        super().__init__()
-        self.dim, self.rate, self.overlap = dim, rate, overlap
-        self.width = 2 * dim if overlap else dim
-        self.kv_proj = nn.Linear(d_model, self.width, bias=False)
-        self.gate_proj = nn.Linear(d_model, self.width, bias=False)
-        self.position_bias = nn.Parameter(torch.zeros(rate, self.width))
-        self.kv_norm = RMSNorm(dim, eps)
-
-    def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor], before: torch.Tensor,
-                after: torch.Tensor, chunk_offset: torch.Tensor, rotary: Rotary
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Entries completed by this chunk ``x [B, S, d_model]``.
-
-        ``before``/``after`` [B]: real tokens of each row before/after the chunk; ``chunk_offset`` [B]:
-        chunk index of real position 0 (pad_offset - start). ``state``: ``ring_kv``/``ring_gate``
-        [B, m, width] (raw projections of the incomplete window's tokens, slot = position mod m) and for
-        CSA ``ov_kv``/``ov_gate`` [B, m, dim] (the last complete window's Ca half); updated in place.
-        Returns entries [B, n, dim] (row b's first ``new[b]`` are real, entry index ``first[b] + i``),
-        ``new`` [B] and ``first`` [B].
-        """
-        batch, seq, _ = x.shape
-        m, dim, width = self.rate, self.dim, self.width
-        kv, gate = self.kv_proj(x), self.gate_proj(x)  # [B, S, width]
-        first = torch.div(before, m, rounding_mode="floor")  # entries already emitted
-        new = torch.div(after, m, rounding_mode="floor") - first  # entries this chunk completes
-        n_win = int(new.max()) + 1  # + the window still open afterwards
-        offs = (torch.arange(n_win, device=x.device)[:, None] * m
-                + torch.arange(m, device=x.device)[None, :])  # [n, m]
-        pos = first[:, None, None] * m + offs  # [B, n, m] real position of each slot
-        from_chunk = (pos + chunk_offset[:, None, None]).clamp(0, seq - 1) + m
-        empty_idx = m + seq
-        src = torch.where(pos < before[:, None, None], pos % m,
-                          torch.where(pos < after[:, None, None], from_chunk, torch.full_like(pos, empty_idx)))
-        zero = kv.new_zeros(batch, 1, width)
-        src_flat = src.view(batch, -1, 1).expand(-1, -1, width)
-        g_kv = torch.cat([state["ring_kv"].to(kv.dtype), kv, zero], 1).gather(1, src_flat).view(batch, n_win, m, width)
-        g_gate = torch.cat([state["ring_gate"].to(gate.dtype), gate, zero], 1).gather(1, src_flat)
-        g_gate = g_gate.view(batch, n_win, m, width)
-        empty = (pos >= after[:, None, None]).unsqueeze(-1)  # [B, n, m, 1]
-        logits = (g_gate.float() + self.position_bias.float()).masked_fill(empty, NEG)
-        if self.overlap:  # entry w pools Ca of window w-1 (slots 0..m-1) and Cb of window w
-            ov_logits = (state["ov_gate"].float() + self.position_bias[:, :dim].float())
-            ov_logits = ov_logits.masked_fill((first == 0)[:, None, None], NEG)
-            prev_kv = torch.cat([state["ov_kv"].to(kv.dtype)[:, None], g_kv[:, :-1, :, :dim]], 1)
-            prev_logits = torch.cat([ov_logits[:, None], logits[:, :-1, :, :dim]], 1)
-            pool_kv = torch.cat([prev_kv, g_kv[..., dim:]], 2)  # [B, n, 2m, dim]
-            pool_logits = torch.cat([prev_logits, logits[..., dim:]], 2)
-        else:
-            pool_kv, pool_logits = g_kv, logits
-        entries = (pool_kv * pool_logits.softmax(dim=2).to(pool_kv.dtype)).sum(2)  # [B, n, dim]
-        entries = self.kv_norm(entries)
-        positions = (first[:, None] + torch.arange(n_win, device=x.device)) * m  # [B, n]
-        cos, sin = rotary.cos_sin(positions, entries.dtype)
-        entries = rope_tail(rotary, entries, cos[:, 0], sin[:, 0])
-        # carry the open window's slots and (CSA) the last complete window's Ca half
-        rows = torch.arange(batch, device=x.device)
-        state["ring_kv"] = g_kv[rows, new].to(state["ring_kv"].dtype)
-        state["ring_gate"] = g_gate[rows, new].to(state["ring_gate"].dtype)
-        if self.overlap:
-            last = (new - 1).clamp_min(0)
-            done = (new > 0)[:, None, None]
-            state["ov_kv"] = torch.where(done, g_kv[rows, last, :, :dim].to(state["ov_kv"].dtype), state["ov_kv"])
-            state["ov_gate"] = torch.where(done, g_gate[rows, last, :, :dim].to(state["ov_gate"].dtype),
-                                           state["ov_gate"])
-        return entries, new, first
-
-    def empty_state(self, batch: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-        state = {"ring_kv": torch.zeros(batch, self.rate, self.width, dtype=dtype, device=device),
-                 "ring_gate": torch.zeros(batch, self.rate, self.width, dtype=dtype, device=device)}
-        if self.overlap:
-            state["ov_kv"] = torch.zeros(batch, self.rate, self.dim, dtype=dtype, device=device)
-            state["ov_gate"] = torch.zeros(batch, self.rate, self.dim, dtype=dtype, device=device)
-        return state
-
-
-class IndexerScorer(nn.Module):
-    """``weights_proj`` of the lightning indexer (transformers' ``DeepseekV4IndexerScorer``)."""
-
-    def __init__(self, d_model: int, n_heads: int):
-        super().__init__()
-        self.weights_proj = nn.Linear(d_model, n_heads, bias=False)
-
-
-class Indexer(Compressor):
-    """CSA's lightning indexer: an overlapping compressor of its own at ``index_head_dim`` (its keys)
-    plus low-rank queries; scores ``sum_h w_h * relu(q_h . k_s)``."""
-
-    def __init__(self, spec: CSASpec, d_model: int, eps: float):
-        super().__init__(d_model, spec.index_head_dim, spec.compress_rate, True, eps)
-        self.n_heads, self.head_dim, self.topk = spec.index_n_heads, spec.index_head_dim, spec.index_topk
-        self.q_b_proj = nn.Linear(spec.q_lora_rank, self.n_heads * self.head_dim, bias=False)
-        self.scorer = IndexerScorer(d_model, self.n_heads)
-
-    def scores(self, x: torch.Tensor, q_res: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor,
-               rotary: Rotary, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Index scores ``[B, S, E]`` (fp32) of keys ``[B, E, d_I]``; invisible entries are -inf."""
-        batch, seq, _ = x.shape
-        q = self.q_b_proj(q_res).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        q = rope_tail(rotary, q, cos, sin)  # [B, H_I, S, d_I]
-        dots = F.relu(q.float() @ keys.float().transpose(-1, -2).unsqueeze(1)) * self.head_dim ** -0.5
-        weights = self.scorer.weights_proj(x).float() * self.n_heads ** -0.5  # [B, S, H_I]
-        total = torch.einsum("bhse,bsh->bse", dots, weights)
-        entry = torch.arange(keys.shape[1], device=x.device)
-        return total.masked_fill(entry >= visible.unsqueeze(-1), float("-inf"))
-
-    def select(self, scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k entry indices ``[B, S, k]`` in position order, and their validity. Deterministic under
-        ties: entries scoring above the k-th score are taken, then the earliest entries equal to it."""
-        k = min(self.topk, scores.shape[-1])
-        kth = scores.topk(k, dim=-1).values[..., -1:]  # [B, S, 1]
-        above = scores > kth
-        tie = scores == kth
-        chosen = above | (tie & (tie.cumsum(-1) <= k - above.sum(-1, keepdim=True)))  # exactly k per query
-        idx = chosen.nonzero()[:, -1].view(*scores.shape[:-1], k)
-        return idx, idx < visible.unsqueeze(-1)
-
-
-class V4CacheLayer(CacheLayer):
-    """Window keys (K = V, last ``window - 1``), compressed entries (+ indexer keys), compressor rings
-    and overlaps (fixed size)."""
-
-    def __init__(self, batch: int, head_dim: int, window: int, dtype: torch.dtype, device,
-                 compressors: dict[str, Compressor]):
-        super().__init__()
-        self.window, self.head_dim = window, head_dim
-        self._dtype, self._device, self._batch = dtype, device, batch
-        self.state["window"] = torch.zeros(batch, 0, head_dim, dtype=dtype, device=device)
-        self.compressors = compressors
-        for name, comp in compressors.items():
-            self.buffers[name] = GrowingBuffer((batch, 0, comp.dim), 1, dtype, device)
-            for key, t in comp.empty_state(batch, dtype, device).items():
-                self.state[f"{name}.{key}"] = t
-
-    def comp_state(self, name: str) -> dict[str, torch.Tensor]:
-        prefix = f"{name}."
-        return {k[len(prefix):]: v for k, v in self.state.items() if k.startswith(prefix)}
-
-    def set_comp_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        for k, v in state.items():
-            self.state[f"{name}.{k}"] = v
-
-    def window_append(self, kv: torch.Tensor) -> torch.Tensor:
-        """Append ``kv [B, S, d]``; return the held window + new keys ``[B, T_w, d]``."""
-        full = torch.cat([self.state["window"], kv.to(self.state["window"].dtype)], 1)
-        keep = min(full.shape[1], self.window - 1)
-        self.state["window"] = full[:, full.shape[1] - keep:].clone()
-        return full
-
-    def append_entries(self, name: str, entries: torch.Tensor, new: torch.Tensor, first: torch.Tensor,
-                       uniform: bool) -> torch.Tensor:
-        """Write each row's new entries at its own entry index; return all entries ``[B, E, dim]``."""
-        buf = self.buffers[name]
-        if uniform:
-            n = int(new[0])
-            return buf.append(entries[:, :n]) if n else buf.view()
-        total = int((first + new).max())
-        grow = total - buf.length
-        if grow > 0:
-            buf.append(entries.new_zeros(entries.shape[0], grow, entries.shape[2]))
-        i = torch.arange(entries.shape[1], device=entries.device)
-        rows, cols = (i[None, :] < new[:, None]).nonzero(as_tuple=True)
-        if rows.numel():
-            buf.data[rows, first[rows] + cols] = entries[rows, cols].to(buf.data.dtype)
-        return buf.view()
-
-    def reserve(self, total: int) -> None:
-        for name, comp in self.compressors.items():
-            self.buffers[name].reserve(total // comp.rate + 1)
-
-    def reset(self) -> None:
-        super().reset()
-        self.state["window"] = self.state["window"][:, :0]
-
-
+# ---- modules: V4 sliding -> HCA (+ compressor) -> CSA (+ indexer), as the specs ---------------------
 @register_module("v4_sliding")
-@register_module("hca")
-@register_module("csa")
-class CompressedAttention(nn.Module):
-    """V4 attention block; parameter names follow transformers' ``DeepseekV4Attention``."""
+class V4SlidingAttention(nn.Module):
+    """V4 attention block over the window; parameter names follow transformers' ``DeepseekV4Attention``.
+    Subclasses add attention to compressed entries through ``entry_terms``."""
 
-    gather_max_queries = 16  # chunks up to this many queries gather their top-k entries; longer: dense
+    gather_max_queries = 16  # CSA: chunks up to this many queries gather their top-k entries; longer: dense
 
     def __init__(self, spec: V4SlidingSpec, cfg, layer_idx: int):
         super().__init__()
@@ -396,36 +227,20 @@ class CompressedAttention(nn.Module):
         self.o_a_proj = nn.Linear(heads * dim // spec.o_groups, spec.o_groups * spec.o_lora_rank, bias=False)
         self.o_b_proj = nn.Linear(spec.o_groups * spec.o_lora_rank, d_model, bias=False)
         self.sinks = nn.Parameter(torch.zeros(heads))
-        self.rotary = get_rotary(spec.rope, dim)
+        self.rotary = Rotary(spec.rope, dim)
         self.scale = spec.softmax_scale or dim ** -0.5
-        self.kind = spec.type
-        self.compressor = None
-        if self.kind in ("hca", "csa"):
-            self.compressor = Compressor(d_model, dim, spec.compress_rate, self.kind == "csa", cfg.norm_eps)
-            if self.kind == "csa":
-                if self.rotary.rot_dim > spec.index_head_dim:
-                    raise ConfigError(f"layers[{layer_idx}].index_head_dim: smaller than the rotated slice "
-                                      f"({self.rotary.rot_dim} channels)")
-                self.compressor.indexer = Indexer(spec, d_model, cfg.norm_eps)
-        self.stats: dict[str, int] = {}  # what the last forward touched (window keys, entries attended)
+
+    def compressors(self) -> dict[str, Compressor]:
+        """The compressors whose entries the cache layer holds, by buffer name."""
+        return {}
 
     def new_cache_layer(self, batch: int, dtype: torch.dtype, device, built: list[CacheLayer]) -> CacheLayer:
-        comps = {}
-        if self.compressor is not None:
-            comps["entries"] = self.compressor
-            if self.kind == "csa":
-                comps["index_keys"] = self.compressor.indexer
-        return V4CacheLayer(batch, self.head_dim, self.window, dtype, device, comps)
+        return V4CacheLayer(batch, self.head_dim, self.window, dtype, device, self.compressors())
 
-    def _compress(self, name: str, comp: Compressor, x, cache, before, after, offset, uniform):
-        if cache is None:
-            state = comp.empty_state(x.shape[0], x.dtype, x.device)
-            entries, new, _ = comp(x, state, before, after, offset, self.rotary)
-            return entries[:, : int(new.max())]
-        state = cache.comp_state(name)
-        entries, new, first = comp(x, state, before, after, offset, self.rotary)
-        cache.set_comp_state(name, state)
-        return cache.append_entries(name, entries, new, first, uniform)
+    def entry_terms(self, x, q, q_res, cos, sin, ctx: ForwardContext, cache: V4CacheLayer | None):
+        """Logits ``[B, H, S, E]`` and values of the compressed entries the queries attend to, as lists
+        (shared values ``[B, E, d]``) plus gathered per-query values ``[B, S, k, d]`` or None."""
+        return [], [], None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cache: V4CacheLayer | None) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -438,53 +253,11 @@ class CompressedAttention(nn.Module):
         keys = cache.window_append(kv) if cache is not None else kv  # [B, T_w, d]
         key_steps = torch.arange(ctx.start + seq - keys.shape[1], ctx.start + seq, device=x.device)
         win_mask = ctx.mask(key_steps, window=self.window, memo_key=("v4win", self.window, keys.shape[1]))
+        ctx.record(self.layer_idx, "window_keys", keys.shape[1])
+        entry_logits, entry_values, gathered = self.entry_terms(x, q, q_res, cos, sin, ctx, cache)
         logits = [(q @ keys.unsqueeze(1).transpose(-1, -2)).float().mul(self.scale)
-                  .masked_fill(~win_mask, float("-inf"))]  # [B, H, S, T_w]
-        values = [keys]
-        gathered = None
-        self.stats = {"window_keys": keys.shape[1], "entries_scored": 0, "entries_attended": 0}
-        if self.compressor is not None:
-            pad = ctx.pad_offset if ctx.pad_offset is not None else torch.zeros(batch, dtype=torch.long,
-                                                                                  device=x.device)
-            before = (ctx.start - pad).clamp_min(0)
-            after = (ctx.start + seq - pad).clamp_min(0)
-            offset = pad - ctx.start
-            uniform = ctx.pad_offset is None
-            real = ctx.query_steps[None, :] - pad[:, None]  # [B, S] real position (negative: padding)
-            visible = torch.div(real + 1, self.compressor.rate, rounding_mode="floor").clamp_min(0)  # [B, S]
-            entries = self._compress("entries", self.compressor, x, cache, before, after, offset, uniform)
-            n_entries = entries.shape[1]
-            entry_ids = torch.arange(n_entries, device=x.device)
-            if self.kind == "csa" and n_entries:
-                indexer = self.compressor.indexer
-                index_keys = self._compress("index_keys", indexer, x, cache, before, after, offset,
-                                            uniform)
-                scores = indexer.scores(x, q_res, index_keys, visible, self.rotary, cos, sin)
-                idx, valid = indexer.select(scores, visible)  # [B, S, k]
-                self.stats["entries_scored"] = n_entries
-                if seq <= self.gather_max_queries and idx.shape[-1] < n_entries:
-                    picked = entries.unsqueeze(1).expand(-1, seq, -1, -1).gather(
-                        2, idx.unsqueeze(-1).expand(-1, -1, -1, dim))  # [B, S, k, d]: only k entries per query
-                    comp_logits = torch.einsum("bhsd,bskd->bhsk", q, picked).float() * self.scale
-                    logits.append(comp_logits.masked_fill(~valid.unsqueeze(1), float("-inf")))
-                    gathered = picked
-                    self.stats["entries_attended"] = idx.shape[-1]
-                else:
-                    chosen = torch.zeros(batch, seq, n_entries, dtype=torch.bool, device=x.device)
-                    chosen.scatter_(-1, idx, valid)
-                    logits.append((q @ entries.unsqueeze(1).transpose(-1, -2)).float().mul(self.scale)
-                                  .masked_fill(~chosen.unsqueeze(1), float("-inf")))
-                    values.append(entries)
-                    self.stats["entries_attended"] = n_entries
-            elif self.kind == "csa" and cache is not None:  # keep the indexer's compressor state current
-                self._compress("index_keys", self.compressor.indexer, x, cache, before, after,
-                               offset, uniform)
-            elif n_entries:
-                seen = entry_ids[None, None, :] < visible.unsqueeze(-1)  # [B, S, E]
-                logits.append((q @ entries.unsqueeze(1).transpose(-1, -2)).float().mul(self.scale)
-                              .masked_fill(~seen.unsqueeze(1), float("-inf")))
-                values.append(entries)
-                self.stats["entries_attended"] = n_entries
+                  .masked_fill(~win_mask, float("-inf")), *entry_logits]  # [B, H, S, T_w], ...
+        values = [keys, *entry_values]
         sink = self.sinks.float().view(1, heads, 1, 1).expand(batch, heads, seq, 1)
         all_logits = torch.cat([*logits, sink], dim=-1)
         probs = (all_logits - all_logits.amax(-1, keepdim=True)).softmax(-1)[..., :-1].to(q.dtype)
@@ -499,3 +272,94 @@ class CompressedAttention(nn.Module):
         weight = self.o_a_proj.weight.view(self.o_groups, -1, grouped.shape[-1])  # [g, r, H*d/g]
         low = torch.einsum("bsgi,gri->bsgr", grouped, weight).flatten(2)
         return self.o_b_proj(low)
+
+
+class _Windows:
+    """Where a chunk sits in each row's real positions (left padding is never compressed)."""
+
+    def __init__(self, ctx: ForwardContext, batch: int, seq: int, rate: int, device):
+        pad = ctx.pad_offset if ctx.pad_offset is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        self.before = (ctx.start - pad).clamp_min(0)  # [B] real tokens before the chunk
+        self.after = (ctx.start + seq - pad).clamp_min(0)  # [B] ... after it
+        self.offset = pad - ctx.start  # [B] chunk index of real position 0
+        self.uniform = ctx.pad_offset is None
+        real = ctx.query_steps[None, :] - pad[:, None]  # [B, S] real position (negative: padding)
+        self.visible = torch.div(real + 1, rate, rounding_mode="floor").clamp_min(0)  # [B, S] entries seen
+
+
+@register_module("hca")
+class HCAttention(V4SlidingAttention):
+    """V4 sliding + a compressor; every query attends to every complete entry it can see."""
+
+    OVERLAP = False  # CSA's compressor pools overlapping windows
+
+    def __init__(self, spec: HCASpec, cfg, layer_idx: int):
+        super().__init__(spec, cfg, layer_idx)
+        self.compressor = Compressor(cfg.d_model, spec.head_dim, spec.compress_rate, self.OVERLAP, cfg.norm_eps)
+
+    def compressors(self) -> dict[str, Compressor]:
+        return {"entries": self.compressor}
+
+    def _compress(self, name: str, comp: Compressor, x, cache, w: _Windows):
+        if cache is None:
+            state = comp.empty_state(x.shape[0], x.dtype, x.device)
+            entries, new, _ = comp(x, state, w.before, w.after, w.offset, self.rotary)
+            return entries[:, : int(new.max())]
+        state = cache.comp_state(name)
+        entries, new, first = comp(x, state, w.before, w.after, w.offset, self.rotary)
+        cache.set_comp_state(name, state)
+        return cache.append_entries(name, entries, new, first, w.uniform)
+
+    def entry_terms(self, x, q, q_res, cos, sin, ctx, cache):
+        w = _Windows(ctx, x.shape[0], x.shape[1], self.compressor.rate, x.device)
+        entries = self._compress("entries", self.compressor, x, cache, w)
+        return self.select_entries(x, q, q_res, cos, sin, ctx, cache, w, entries)
+
+    def select_entries(self, x, q, q_res, cos, sin, ctx, cache, w: _Windows, entries: torch.Tensor):
+        """HCA: every entry visible to each query (``entries [B, E, d]``)."""
+        if not entries.shape[1]:
+            return [], [], None
+        seen = torch.arange(entries.shape[1], device=x.device)[None, None, :] < w.visible.unsqueeze(-1)
+        logits = (q @ entries.unsqueeze(1).transpose(-1, -2)).float().mul(self.scale)
+        ctx.record(self.layer_idx, "entries_attended", entries.shape[1])
+        return [logits.masked_fill(~seen.unsqueeze(1), float("-inf"))], [entries], None
+
+
+@register_module("csa")
+class CSAttention(HCAttention):
+    """HCA with overlapping windows and a lightning indexer choosing ``index_topk`` entries per query."""
+
+    OVERLAP = True
+
+    def __init__(self, spec: CSASpec, cfg, layer_idx: int):
+        super().__init__(spec, cfg, layer_idx)
+        if self.rotary.rot_dim > spec.index_head_dim:
+            raise ConfigError(f"layers[{layer_idx}].index_head_dim: smaller than the rotated slice "
+                              f"({self.rotary.rot_dim} channels)")
+        self.compressor.indexer = Indexer(spec, cfg.d_model, cfg.norm_eps)
+
+    def compressors(self) -> dict[str, Compressor]:
+        return {"entries": self.compressor, "index_keys": self.compressor.indexer}
+
+    def select_entries(self, x, q, q_res, cos, sin, ctx, cache, w: _Windows, entries: torch.Tensor):
+        batch, seq, _ = x.shape
+        indexer, n_entries = self.compressor.indexer, entries.shape[1]
+        if not n_entries:
+            if cache is not None:  # keep the indexer's compressor state current
+                self._compress("index_keys", indexer, x, cache, w)
+            return [], [], None
+        index_keys = self._compress("index_keys", indexer, x, cache, w)
+        scores = indexer.scores(x, q_res, index_keys, w.visible, self.rotary, cos, sin)
+        idx, valid = indexer.select(scores, w.visible)  # [B, S, k]
+        ctx.record(self.layer_idx, "entries_scored", n_entries)
+        if seq <= self.gather_max_queries and idx.shape[-1] < n_entries:
+            picked = entries.unsqueeze(1).expand(-1, seq, -1, -1).gather(
+                2, idx.unsqueeze(-1).expand(-1, -1, -1, self.head_dim))  # [B, S, k, d]: only k entries per query
+            logits = torch.einsum("bhsd,bskd->bhsk", q, picked).float() * self.scale
+            ctx.record(self.layer_idx, "entries_attended", idx.shape[-1])
+            return [logits.masked_fill(~valid.unsqueeze(1), float("-inf"))], [], picked
+        chosen = torch.zeros(batch, seq, n_entries, dtype=torch.bool, device=x.device)
+        chosen.scatter_(-1, idx, valid)
+        logits = (q @ entries.unsqueeze(1).transpose(-1, -2)).float().mul(self.scale)
+        ctx.record(self.layer_idx, "entries_attended", n_entries)
+        return [logits.masked_fill(~chosen.unsqueeze(1), float("-inf"))], [entries], None

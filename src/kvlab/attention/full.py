@@ -1,6 +1,7 @@
 """Full causal attention with any number of KV heads: MHA, GQA, MQA.
 
-Cache: K and V ``[B, n_kv_heads, T, head_dim]`` (keys stored after RoPE), grown by chunks.
+Cache: K and V ``[B, n_kv_heads, T, head_dim]`` (keys stored after RoPE), grown by chunks, or with
+``kv_quant`` KIVI-quantized (``kvlab.cache.quantized``: the storage and its exact byte rule).
 Planner: 2 * B * n_kv_heads * head_dim * T * bytes.
 """
 
@@ -12,18 +13,16 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from kvlab.attention._common import (
-    ForwardContext,
-    apply_output_gate,
-    get_rotary,
-    grouped_sdpa,
-    output_gate_proj,
-)
-from kvlab.cache.base import CacheLayer, GrowingBuffer, SharedCacheLayer
-from kvlab.cache.quantized import QuantizedKVCacheLayer
+from kvlab.attention._common import ForwardContext, grouped_sdpa
+from kvlab.attention._gate import apply_output_gate, output_gate_proj
+from kvlab.cache.base import CacheLayer, GrowingBuffer
+from kvlab.cache.quantized import QuantizedKVCacheLayer, quantized_kv_bytes
 from kvlab.config import LayerSpec
+from kvlab.config_options import BASE_OPTIONS
 from kvlab.norms import RMSNorm
 from kvlab.registry import register_module, register_spec
+from kvlab.rope import Rotary
+from kvlab.sharing import shared_cache_layer
 
 
 @register_spec("full", aliases=("mha", "gqa", "mqa", "attention", "full_attention"))
@@ -31,7 +30,20 @@ from kvlab.registry import register_module, register_spec
 class FullSpec(LayerSpec):
     """Standard softmax attention over every past token."""
 
-    supports_value_options: ClassVar[bool] = True  # v_norm, k_eq_v
+    SUPPORTED_OPTIONS: ClassVar[frozenset[str]] = frozenset(BASE_OPTIONS)
+    EXAMPLES: ClassVar[dict[str, dict]] = {
+        "gqa_qk_norm_bias": {"layers": [{"type": "full", "n_heads": 4, "n_kv_heads": 2, "qk_norm": True,
+                                         "qkv_bias": True}, {"type": "full", "n_heads": 4, "n_kv_heads": 1}]},
+        "int4_gate_kv_shared": {"layers": [{"type": "full", "n_heads": 4, "n_kv_heads": 2, "kv_quant": "int4",
+                                            "kv_quant_group": 4, "kv_quant_residual": 3, "output_gate": "head"},
+                                           {"type": "full", "n_heads": 4, "n_kv_heads": 2, "v_norm": True,
+                                            "k_eq_v": True}, {"type": "full", "n_heads": 2, "kv_from": 1}]},
+    }
+
+    def own_cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
+        if self.kv_quant:  # codes + scales + zero points + full-precision residual
+            return quantized_kv_bytes(self, tokens, batch, elem_bytes)
+        return 2 * batch * self.n_kv_heads * self.head_dim * tokens * elem_bytes
 
     def label(self) -> str:
         kv = self.n_kv_heads or self.n_heads
@@ -41,14 +53,14 @@ class FullSpec(LayerSpec):
         """Full and sliding layers may read each other's K/V (a consumer sees the producer's keys and mask)."""
         return isinstance(producer, FullSpec)
 
+
 class KVCacheLayer(CacheLayer):
     """Keys and values of every past token, ``[B, n_kv_heads, T, head_dim]`` each."""
 
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device=None,
-                 value_dim: int | None = None):
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device=None):
         super().__init__()
         self.buffers["k"] = GrowingBuffer((batch, kv_heads, 0, head_dim), 2, dtype, device)
-        self.buffers["v"] = GrowingBuffer((batch, kv_heads, 0, value_dim or head_dim), 2, dtype, device)
+        self.buffers["v"] = GrowingBuffer((batch, kv_heads, 0, head_dim), 2, dtype, device)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new ``k, v [B, Hkv, S, D]``; return views of all keys and values held."""
@@ -57,6 +69,22 @@ class KVCacheLayer(CacheLayer):
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.buffers["k"].view(), self.buffers["v"].view()
+
+
+def causal_mask(ctx: ForwardContext, kv_len: int, device) -> torch.Tensor | None:
+    """Mask of the new queries over keys at steps ``0 .. kv_len - 1`` (None: plain causal SDPA is exact)."""
+    if not ctx.needs_mask(kv_len):
+        return None
+    return ctx.mask(torch.arange(kv_len, device=device), memo_key=("full", kv_len))
+
+
+def causal_keys_values(k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, cache: KVCacheLayer | None):
+    """Every key so far: new ``k, v [B, Hkv, S, D]`` appended to ``cache`` (if any); returns all keys and
+    values ``[B, Hkv, T, D]`` and their mask."""
+    if cache is not None:
+        k, v = cache.append(k, v)  # views of all T keys/values
+    return k, v, causal_mask(ctx, k.shape[2], k.device)
+
 
 @register_module("full")
 class FullAttention(nn.Module):
@@ -81,19 +109,20 @@ class FullAttention(nn.Module):
         self.o_proj = nn.Linear(h * hd, d, bias=spec.o_bias)
         self.g_proj = output_gate_proj(spec, d)
         if spec.qk_norm:
-            unit = getattr(cfg, "norm_unit_offset", False)
+            unit = cfg.norm_unit_offset
             self.q_norm = RMSNorm(hd, cfg.norm_eps, unit_offset=unit)
             if self.owns_kv:
                 self.k_norm = RMSNorm(hd, cfg.norm_eps, unit_offset=unit)
-        self.rotary = get_rotary(spec.rope, hd)
+        self.rotary = Rotary(spec.rope, hd)
         self.scale = spec.softmax_scale
 
     def new_cache_layer(self, batch: int, dtype: torch.dtype, device, built: list[CacheLayer]) -> CacheLayer:
-        if not self.owns_kv:
-            return SharedCacheLayer(built[self.spec.kv_from])
+        shared = shared_cache_layer(self.spec, built)
+        if shared is not None:
+            return shared
         if self.spec.kv_quant:
             return QuantizedKVCacheLayer(batch, self.n_kv_heads, self.head_dim, dtype, device,
-                                         kind=self.spec.kv_quant, group=self.spec.kv_quant_group,
+                                         quant=self.spec.kv_quant, group=self.spec.kv_quant_group,
                                          residual=self.spec.kv_quant_residual)
         return KVCacheLayer(batch, self.n_kv_heads, self.head_dim, dtype, device)
 
@@ -105,7 +134,7 @@ class FullAttention(nn.Module):
             ctx.shared[self.layer_idx] = (k, v, mask)  # consumers attend to the same keys, same mask
         else:
             k, v, mask = ctx.shared[self.spec.kv_from]
-        out = self.attend(q, k, v, mask)  # [B, H, S, Dv]
+        out = self.attend(q, k, v, mask, ctx)  # [B, H, S, Dv]
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
         return self.o_proj(apply_output_gate(self.g_proj, x, out, self.n_heads))
 
@@ -129,12 +158,8 @@ class FullAttention(nn.Module):
 
     def keys_values(self, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, cache: CacheLayer | None):
         """Keys/values the new queries attend to (cache extended in place) and their mask (None: causal)."""
-        if cache is not None:
-            k, v = cache.append(k, v)  # views of all T keys/values
-        kv_len = k.shape[2]
-        mask = ctx.mask(torch.arange(kv_len, device=k.device), memo_key=("full", kv_len)) \
-            if ctx.needs_mask(kv_len) else None
-        return k, v, mask
+        return causal_keys_values(k, v, ctx, cache)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               ctx: ForwardContext) -> torch.Tensor:
         return grouped_sdpa(q, k, v, mask, causal=True, scale=self.scale)

@@ -11,9 +11,9 @@ state corrections ``U`` solve a unit lower-triangular system, ``(I + A) U = beta
 ``A_tj = beta_t exp(G_t - G_j) k_t.k_j`` for ``j < t``), and the **recurrent** form (decode: one state
 update per token).
 
-Head layout (``n_heads`` value heads, ``n_kv_heads`` query/key heads, ``head_dim`` = key head dim,
-``value_head_dim``) and parameter names follow transformers' ``Qwen3NextGatedDeltaNet`` so its weights
-load unchanged. Left padding: padded inputs are zeroed, so they leave the (zero) state untouched.
+Head layout: ``n_value_heads`` value heads (the config key ``n_heads``), ``n_key_heads`` query/key heads
+(the config key ``n_kv_heads``, a divisor), ``head_dim`` = key head dim, ``value_head_dim``; parameter
+names follow transformers' ``Qwen3NextGatedDeltaNet`` so its weights load unchanged. Left padding: padded inputs are zeroed, so they leave the (zero) state untouched.
 
 Cache: conv state ``[B, conv_dim, conv_kernel - 1]`` (cache dtype) + recurrent state
 ``[B, n_heads, head_dim, value_head_dim]`` (always fp32): constant bytes from the first token.
@@ -22,6 +22,7 @@ Cache: conv state ``[B, conv_dim, conv_kernel - 1]`` (cache dtype) + recurrent s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from torch import nn
 from kvlab.attention._common import ForwardContext
 from kvlab.cache.base import CacheLayer
 from kvlab.config import LayerSpec
-from kvlab.errors import ConfigError
+from kvlab.config_options import check_ints
 from kvlab.registry import register_module, register_spec
 
 STATE_DTYPE = torch.float32
@@ -43,16 +44,26 @@ class GatedDeltaNetSpec(LayerSpec):
     conv_kernel: int = 4
     chunk: int = 64  # chunk length of the parallel form
 
+    SUPPORTED_OPTIONS: ClassVar[frozenset[str]] = frozenset()  # no K/V cache to share or quantize
+    EXAMPLES: ClassVar[dict[str, dict]] = {
+        "grouped_heads_short_chunks": {"layers": [{"type": "gated_deltanet", "n_heads": 4, "n_kv_heads": 2,
+                                                   "head_dim": 8, "value_head_dim": 6, "conv_kernel": 3,
+                                                   "chunk": 5}], "_seq": 20},
+    }
+
     def validate(self, where: str) -> None:
         super().validate(where)
-        for name in ("conv_kernel", "chunk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{where}{name}: must be a positive integer, got {value!r}")
-        if self.kv_from is not None:
-            raise ConfigError(f"{where}kv_from: a gated DeltaNet layer has no K/V cache to share")
-        if self.kv_quant:
-            raise ConfigError(f"{where}kv_quant: not supported on gated DeltaNet layers")
+        check_ints(where, conv_kernel=self.conv_kernel, chunk=self.chunk)
+
+    @property
+    def n_value_heads(self) -> int:
+        """Value heads (each with its own recurrent state): the config's ``n_heads``."""
+        return self.n_heads
+
+    @property
+    def n_key_heads(self) -> int:
+        """Query/key heads, each shared by ``n_value_heads / n_key_heads`` value heads: ``n_kv_heads``."""
+        return self.n_kv_heads
 
     @property
     def v_dim(self) -> int:
@@ -60,13 +71,13 @@ class GatedDeltaNetSpec(LayerSpec):
 
     @property
     def conv_dim(self) -> int:
-        return 2 * self.n_kv_heads * self.head_dim + self.n_heads * self.v_dim
+        return 2 * self.n_key_heads * self.head_dim + self.n_value_heads * self.v_dim
 
-    def cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
+    def own_cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
         if tokens == 0:
             return 0
         conv = batch * self.conv_dim * (self.conv_kernel - 1) * elem_bytes
-        state = batch * self.n_heads * self.head_dim * self.v_dim * STATE_DTYPE.itemsize
+        state = batch * self.n_value_heads * self.head_dim * self.v_dim * STATE_DTYPE.itemsize
         return conv + state
 
     def attended_pairs(self, seq_len: int) -> int:
@@ -75,13 +86,17 @@ class GatedDeltaNetSpec(LayerSpec):
     def decode_flops(self, context: int) -> int:
         """Matmul FLOPs of one recurrent step per head: k^T S, the rank-1 update k delta^T and S^T q, 2 dk dv
         each (the state decay's dk dv multiplies are not counted, as softmax is not for attention)."""
-        return 6 * self.n_heads * self.head_dim * self.v_dim
+        return 6 * self.n_value_heads * self.head_dim * self.v_dim
 
     def prefill_flops(self, seq_len: int) -> int:
         return seq_len * self.decode_flops(seq_len)  # linear in length (recurrent-form count)
 
     def label(self) -> str:
-        return f"GatedDeltaNet-{self.n_heads}x{self.head_dim}"
+        return f"GatedDeltaNet-{self.n_value_heads}x{self.head_dim}"
+
+    def attention_pattern(self, seq: int):
+        pattern, _ = super().attention_pattern(seq)
+        return pattern, f"{self.label()}: every past token, through a fixed-size state"
 
 
 class LinearStateCacheLayer(CacheLayer):
@@ -154,9 +169,7 @@ class GatedDeltaNet(nn.Module):
     def __init__(self, spec: GatedDeltaNetSpec, cfg, layer_idx: int):
         super().__init__()
         self.spec, self.layer_idx = spec, layer_idx
-        self.hk, self.hv, self.dk, self.dv = spec.n_kv_heads, spec.n_heads, spec.head_dim, spec.v_dim
-        if self.hv % self.hk:
-            raise ConfigError(f"layers[{layer_idx}].n_heads: must be a multiple of n_kv_heads")
+        self.hk, self.hv, self.dk, self.dv = spec.n_key_heads, spec.n_value_heads, spec.head_dim, spec.v_dim
         group = self.hv // self.hk
         d = cfg.d_model
         self.in_proj_qkvz = nn.Linear(d, self.hk * (2 * self.dk + 2 * group * self.dv), bias=False)

@@ -25,18 +25,21 @@ with ``mscale_all_dim`` set (DeepSeek's correction; the RoPE attention factor sc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from kvlab.attention._common import ForwardContext, get_rotary, grouped_sdpa
-from kvlab.cache.base import CacheLayer, GrowingBuffer, SharedCacheLayer
+from kvlab.attention._common import ForwardContext, grouped_sdpa
+from kvlab.attention.full import causal_mask
+from kvlab.cache.base import CacheLayer, GrowingBuffer
 from kvlab.cache.quantized import QuantizedStream, stream_bytes
 from kvlab.config import LayerSpec, _check_positive
 from kvlab.errors import ConfigError
 from kvlab.norms import RMSNorm
 from kvlab.registry import register_module, register_spec
-from kvlab.rope import _yarn_mscale
+from kvlab.rope import Rotary, _yarn_mscale, scaling_type
+from kvlab.sharing import shared_cache_layer
 
 LATENT_NORM_EPS = 1e-6  # DeepSeek's q_a_layernorm / kv_a_layernorm use the default eps, not rms_norm_eps
 
@@ -52,6 +55,21 @@ class MLASpec(LayerSpec):
     qk_nope_head_dim: int = 128
     v_head_dim: int = 128
     q_lora_rank: int | None = None  # None: full-rank query projection
+    path: str = "auto"  # "auto" (by cost), "absorbed" or "expanded": the execution path (same result)
+
+    SUPPORTED_OPTIONS: ClassVar[frozenset[str]] = frozenset({"kv_from", "kv_quant", "qkv_bias", "o_bias"})
+    WIDTH_FIELDS: ClassVar[tuple[str, ...]] = ("head_dim", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
+                                               "qk_nope_head_dim", "v_head_dim")
+    EXAMPLES: ClassVar[dict[str, dict]] = {
+        "q_lora_int8_shared_latent": {"layers": [
+            {"type": "mla", "n_heads": 4, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8,
+             "v_head_dim": 8, "q_lora_rank": 12, "kv_quant": "int8", "kv_quant_group": 4,
+             "kv_quant_residual": 3},
+            {"type": "mla", "n_heads": 2, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8,
+             "v_head_dim": 12, "path": "expanded"},
+            {"type": "mla", "n_heads": 2, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8,
+             "v_head_dim": 8, "kv_from": 1, "path": "absorbed"}]},
+    }
 
     def __post_init__(self) -> None:
         if self.head_dim is None and isinstance(self.qk_nope_head_dim, int) and isinstance(self.qk_rope_head_dim, int):
@@ -76,20 +94,16 @@ class MLASpec(LayerSpec):
                               f"({self.qk_nope_head_dim + self.qk_rope_head_dim}); got {self.head_dim}")
         if self.n_kv_heads != 1:
             raise ConfigError(f"{where}n_kv_heads: MLA caches one latent shared by all heads; omit it or use 1")
-        if self.output_gate is not None:
-            raise ConfigError(f"{where}output_gate: not supported for 'mla' layers")
         if self.kv_from is not None and self.kv_quant:
             raise ConfigError(f"{where}kv_quant: this layer reads layer {self.kv_from}'s latent; set kv_quant there")
-        if self.qk_norm:
-            raise ConfigError(f"{where}qk_norm: not supported for 'mla' layers (the latent has its own norm)")
+        if self.path not in ("auto", "absorbed", "expanded"):
+            raise ConfigError(f"{where}path: must be 'auto', 'absorbed' or 'expanded', got {self.path!r}")
         if self.kv_quant == "int4" and self.latent_width % 2:
             raise ConfigError(f"{where}kv_quant: int4 packs two codes per byte; kv_lora_rank + "
                               f"qk_rope_head_dim ({self.latent_width}) must be even")
 
     # ---- planner --------------------------------------------------------------------------
-    def cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
-        if self.kv_from is not None:
-            return 0
+    def own_cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
         if self.kv_quant:
             return stream_bytes("channel", batch, self.latent_width, tokens, self.kv_quant, self.kv_quant_group,
                                 self.kv_quant_residual, elem_bytes)
@@ -120,8 +134,7 @@ def mla_softmax_scale(spec: MLASpec) -> float:
         return spec.softmax_scale
     scale = float(spec.head_dim) ** -0.5
     scaling = (spec.rope.scaling if spec.rope is not None else None) or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind != "default" and scaling.get("mscale_all_dim"):
+    if scaling_type(spec.rope) != "default" and scaling.get("mscale_all_dim"):
         factor = scaling.get("factor")
         if factor is None:  # as YaRN: max_position / original stands in for a missing factor
             factor = spec.rope.max_position / scaling["original_max_position_embeddings"]
@@ -157,7 +170,7 @@ class LatentCacheLayer(CacheLayer):
 @register_module("mla")
 class MultiHeadLatentAttention(nn.Module):
     """MLA; parameter names follow Hugging Face's DeepseekV3Attention so checkpoints map one to one.
-    ``path``: "auto" (by cost), "absorbed" or "expanded" (tests and benchmarks force one)."""
+    The execution path is the spec's ``path`` ("auto": by cost; tests and benchmarks force one)."""
 
     def __init__(self, spec: MLASpec, cfg, layer_idx: int):
         super().__init__()
@@ -184,18 +197,15 @@ class MultiHeadLatentAttention(nn.Module):
                                   f"{self.rank} + {self.d_rope}")
         self.kv_b_proj = nn.Linear(self.rank, h * (self.d_nope + self.d_v), bias=False)
         self.o_proj = nn.Linear(h * self.d_v, d, bias=spec.o_bias)
-        self.rotary = get_rotary(spec.rope, self.d_rope)
+        self.rotary = Rotary(spec.rope, self.d_rope)
         self.scale = mla_softmax_scale(spec)
-        self.path = "auto"
 
     def new_cache_layer(self, batch: int, dtype: torch.dtype, device, built: list[CacheLayer]) -> CacheLayer:
-        if not self.owns_kv:
-            return SharedCacheLayer(built[self.spec.kv_from])
-        return LatentCacheLayer(batch, self.spec.latent_width, dtype, device, self.spec)
+        return shared_cache_layer(self.spec, built) or LatentCacheLayer(batch, self.spec.latent_width, dtype, device, self.spec)
 
     def use_absorbed(self, seq: int) -> bool:
-        if self.path != "auto":
-            return self.path == "absorbed"
+        if self.spec.path != "auto":
+            return self.spec.path == "absorbed"
         return seq * (2 * self.rank - self.d_nope - self.d_v) < self.rank * (self.d_nope + self.d_v)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cache: CacheLayer | None) -> torch.Tensor:
@@ -217,9 +227,7 @@ class MultiHeadLatentAttention(nn.Module):
             ctx.shared[self.layer_idx] = ckv
         else:
             ckv = ctx.shared[self.spec.kv_from]  # the producer's latent (cross-layer sharing)
-        kv_len = ckv.shape[2]
-        mask = ctx.mask(torch.arange(kv_len, device=x.device), memo_key=("full", kv_len)) \
-            if ctx.needs_mask(kv_len) else None
+        mask = causal_mask(ctx, ckv.shape[2], x.device)
         if self.use_absorbed(seq):
             out = self.absorbed_attention(q_nope, q_rope, ckv, mask)
         else:

@@ -14,15 +14,17 @@ Bytes stop growing once the context passes ``window``:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from kvlab.attention._common import ForwardContext
 from kvlab.attention.full import FullAttention, FullSpec
-from kvlab.cache.base import CacheLayer, SharedCacheLayer
-from kvlab.errors import ConfigError
+from kvlab.cache.base import CacheLayer
+from kvlab.config_options import check_ints
 from kvlab.registry import register_module, register_spec
+from kvlab.sharing import shared_cache_layer
 
 
 @register_spec("sliding", aliases=("sliding_attention", "swa", "window"))
@@ -32,17 +34,24 @@ class SlidingSpec(FullSpec):
     sinks: int = 0  # first real tokens kept visible forever
     sink_logits: bool = False  # learned per-head softmax sink
 
+    SUPPORTED_OPTIONS: ClassVar[frozenset[str]] = FullSpec.SUPPORTED_OPTIONS - {"kv_quant"}  # already bounded
+    EXAMPLES: ClassVar[dict[str, dict]] = {
+        "window_sinks_logits": {"layers": [{"type": "sliding", "n_heads": 4, "n_kv_heads": 2, "window": 5,
+                                            "sinks": 2, "sink_logits": True},
+                                           {"type": "sliding", "n_heads": 2, "n_kv_heads": 2, "window": 5,
+                                            "kv_from": 0}], "_seq": 20},
+    }
+
     def validate(self, where: str) -> None:
         super().validate(where)
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ConfigError(f"{where}window: must be a positive integer, got {self.window!r}")
-        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
-            raise ConfigError(f"{where}sinks: must be an integer >= 0, got {self.sinks!r}")
-        if self.kv_quant:
-            raise ConfigError(f"{where}kv_quant: not supported on sliding layers (the window is already bounded)")
+        check_ints(where, window=self.window)
+        check_ints(where, low=0, sinks=self.sinks)
 
-    def cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
-        if self.kv_from is not None or tokens == 0:
+    def kv_window(self) -> int | None:
+        return self.window
+
+    def own_cache_bytes(self, tokens: int, batch: int, elem_bytes: int) -> int:
+        if tokens == 0:
             return 0
         slots = min(tokens, self.window) + self.sinks
         return 2 * batch * self.n_kv_heads * self.head_dim * slots * elem_bytes
@@ -61,6 +70,13 @@ class SlidingSpec(FullSpec):
             base += f"+{self.sinks}sink"
         kv = self.n_kv_heads or self.n_heads
         return base if kv == self.n_heads else f"{base} {super().label()}"
+
+    def attention_pattern(self, seq: int):
+        from kvlab.attention._common import ForwardContext
+
+        ctx = ForwardContext(1, seq, 0, None, torch.device("cpu"))
+        caption = self.label() + (" (+ learned sink logit)" if self.sink_logits else "")
+        return ctx.mask(torch.arange(seq), window=self.window, sinks=self.sinks)[0, 0], caption
 
 
 class WindowKVCacheLayer(CacheLayer):
@@ -157,6 +173,38 @@ def sink_slot_mask(ctx: ForwardContext, sinks: int, cached_before: int) -> torch
     return (valid & real_query).unsqueeze(1)
 
 
+def window_keys_values(k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, cache: WindowKVCacheLayer | None,
+                       window: int, sinks: int):
+    """Keys the new queries see: the ring's last ``window`` steps (+ ``sinks`` sink slots) and the new
+    ``k, v [B, Hkv, S, D]``, which are then written to the ring; returns keys, values and their mask."""
+    if cache is None:  # full sequence: keys are the new tokens themselves
+        steps = ctx.query_steps
+        return k, v, window_mask(ctx, steps, window, sinks, cached_before=ctx.start)
+    start = ctx.start
+    if ctx.seq_len == 1 and not sinks:  # decode: write, then attend over the ring
+        cache.write(k, v, start, ctx.pad_offset)
+        filled = min(cache.length, window)  # before wrap-around only slots 0..length-1 are written
+        k_all, v_all = cache.ring_k[:, :, :filled], cache.ring_v[:, :, :filled]
+        if ctx.pad_offset is None:
+            return k_all, v_all, None  # every written slot is in the window
+        return k_all, v_all, window_mask(ctx, cache.key_steps()[:filled], window, 0, start)
+    ring_steps = cache.key_steps() if cache.length else cache.key_steps()[:0]
+    keys = [cache.ring_k[:, :, : len(ring_steps)], k]
+    values = [cache.ring_v[:, :, : len(ring_steps)], v]
+    masks = [window_mask(ctx, torch.cat([ring_steps, ctx.query_steps]), window, sinks, start)]
+    if sinks:
+        keys.insert(0, cache.state["sink_k"])
+        values.insert(0, cache.state["sink_v"])
+        slot_mask = sink_slot_mask(ctx, sinks, start)
+        masks.insert(0, slot_mask.expand(masks[-1].shape[0], -1, -1, -1) if slot_mask.shape[0] == 1
+                     else slot_mask)
+        masks[-1] = masks[-1].expand(masks[0].shape[0], -1, -1, -1)
+    mask = torch.cat(masks, dim=-1)
+    k_all, v_all = torch.cat(keys, dim=2), torch.cat(values, dim=2)
+    cache.write(k, v, start, ctx.pad_offset)
+    return k_all, v_all, mask
+
+
 @register_module("sliding")
 class SlidingAttention(FullAttention):
     """Full attention's projections, keys limited to a window (+ sinks), ring-buffer cache."""
@@ -168,41 +216,14 @@ class SlidingAttention(FullAttention):
             self.sink_logit = nn.Parameter(torch.zeros(spec.n_heads))
 
     def new_cache_layer(self, batch: int, dtype: torch.dtype, device, built: list[CacheLayer]) -> CacheLayer:
-        if not self.owns_kv:
-            return SharedCacheLayer(built[self.spec.kv_from])
-        return WindowKVCacheLayer(batch, self.n_kv_heads, self.head_dim, self.window, self.sinks, dtype, device)
+        return shared_cache_layer(self.spec, built) or WindowKVCacheLayer(batch, self.n_kv_heads, self.head_dim, self.window, self.sinks, dtype, device)
 
     def keys_values(self, k, v, ctx: ForwardContext, cache):
-        if cache is None:  # full sequence: keys are the new tokens themselves
-            steps = ctx.query_steps
-            return k, v, window_mask(ctx, steps, self.window, self.sinks, cached_before=ctx.start)
-        start = ctx.start
-        if ctx.seq_len == 1 and not self.sinks:  # decode: write, then attend over the ring
-            cache.write(k, v, start, ctx.pad_offset)
-            filled = min(cache.length, self.window)  # before wrap-around only slots 0..length-1 are written
-            k_all, v_all = cache.ring_k[:, :, :filled], cache.ring_v[:, :, :filled]
-            if ctx.pad_offset is None:
-                return k_all, v_all, None  # every written slot is in the window
-            return k_all, v_all, window_mask(ctx, cache.key_steps()[:filled], self.window, 0, start)
-        ring_steps = cache.key_steps() if cache.length else cache.key_steps()[:0]
-        keys = [cache.ring_k[:, :, : len(ring_steps)], k]
-        values = [cache.ring_v[:, :, : len(ring_steps)], v]
-        masks = [window_mask(ctx, torch.cat([ring_steps, ctx.query_steps]), self.window, self.sinks, start)]
-        if self.sinks:
-            keys.insert(0, cache.state["sink_k"])
-            values.insert(0, cache.state["sink_v"])
-            slot_mask = sink_slot_mask(ctx, self.sinks, start)
-            masks.insert(0, slot_mask.expand(masks[-1].shape[0], -1, -1, -1) if slot_mask.shape[0] == 1
-                         else slot_mask)
-            masks[-1] = masks[-1].expand(masks[0].shape[0], -1, -1, -1)
-        mask = torch.cat(masks, dim=-1)
-        k_all, v_all = torch.cat(keys, dim=2), torch.cat(values, dim=2)
-        cache.write(k, v, start, ctx.pad_offset)
-        return k_all, v_all, mask
+        return window_keys_values(k, v, ctx, cache, self.window, self.sinks)
 
-    def attend(self, q, k, v, mask):
+    def attend(self, q, k, v, mask, ctx: ForwardContext):
         if not self.spec.sink_logits:
-            return super().attend(q, k, v, mask)
+            return super().attend(q, k, v, mask, ctx)
         # softmax over [scores, sink]: the sink takes probability mass but contributes no value
         group = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

@@ -56,5 +56,3 @@ class Cache:
         if self.pad_offset is not None:
             self.pad_offset = self.pad_offset.index_select(0, rows.to(self.pad_offset.device))
         self.batch_size = len(rows)
-
-    reorder = select

@@ -39,20 +39,20 @@ def token_group(group: int, width: int) -> int:
     return math.gcd(group, width)
 
 
-def stream_bytes(mode: str, rows: int, width: int, tokens: int, kind: str, group: int, residual: int,
+def stream_bytes(mode: str, rows: int, width: int, tokens: int, quant: str, group: int, residual: int,
                  elem_bytes: int) -> int:
     """Exact bytes of one quantized stream of ``rows`` (= batch * heads) rows of width ``width``."""
     q = quantized_tokens(tokens, group, residual)
-    codes = rows * q * width * BITS[kind] // 8
+    codes = rows * q * width * BITS[quant] // 8
     scale_count = (q // group) * width if mode == "channel" else q * (width // token_group(group, width))
     return codes + 2 * rows * scale_count * elem_bytes + rows * (tokens - q) * width * elem_bytes
 
 
-def quantize(x: torch.Tensor, mode: str, kind: str, group: int, scale_dtype: torch.dtype
+def quantize(x: torch.Tensor, mode: str, quant: str, group: int, scale_dtype: torch.dtype
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric min/max quantization of ``x [B, H, N, W]`` (``N`` a multiple of ``group`` in channel
     mode). Returns codes ``[B, H, N, W]`` (uint8, int4 packed to ``W/2``), scale and zero point."""
-    levels = 2 ** BITS[kind] - 1
+    levels = 2 ** BITS[quant] - 1
     b, h, n, w = x.shape
     xf = x.float()
     if mode == "channel":
@@ -68,15 +68,15 @@ def quantize(x: torch.Tensor, mode: str, kind: str, group: int, scale_dtype: tor
     expand = (lambda t: t.unsqueeze(3)) if mode == "channel" else (lambda t: t.unsqueeze(4))
     codes = ((grouped - expand(zero.float())) / expand(s)).round_().clamp_(0, levels)
     codes = codes.view(b, h, n, w).to(torch.uint8)
-    if kind == "int4":
+    if quant == "int4":
         codes = codes[..., 0::2] | (codes[..., 1::2] << 4)  # [B, H, N, W/2]
     return codes, scale, zero
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, mode: str, kind: str,
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, mode: str, quant: str,
                group: int, width: int, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of ``quantize``: ``[B, H, N, W]`` in ``dtype``."""
-    if kind == "int4":
+    if quant == "int4":
         codes = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)  # unpack: [B, H, N, W]
     b, h, n, w = codes.shape
     if mode == "channel":
@@ -92,13 +92,13 @@ class QuantizedStream:
     ``nbytes``, ``select`` and ``reset`` of the owner cover them) under ``name.*``."""
 
     def __init__(self, owner: CacheLayer, name: str, batch: int, heads: int, width: int, mode: str,
-                 kind: str, group: int, residual: int, dtype: torch.dtype, device=None):
-        if kind == "int4" and width % 2:
+                 quant: str, group: int, residual: int, dtype: torch.dtype, device=None):
+        if quant == "int4" and width % 2:
             raise ValueError(f"int4 packing needs an even width, got {width}")
-        self.mode, self.kind, self.group, self.residual = mode, kind, group, residual
+        self.mode, self.quant, self.group, self.residual = mode, quant, group, residual
         self.width, self.dtype = width, dtype
         scale_width = width if mode == "channel" else width // token_group(group, width)
-        code_width = width * BITS[kind] // 8
+        code_width = width * BITS[quant] // 8
         self.codes = GrowingBuffer((batch, heads, 0, code_width), 2, torch.uint8, device)
         self.scale = GrowingBuffer((batch, heads, 0, scale_width), 2, dtype, device)
         self.zero = GrowingBuffer((batch, heads, 0, scale_width), 2, dtype, device)
@@ -112,7 +112,7 @@ class QuantizedStream:
 
     def dequantized(self) -> torch.Tensor:
         """The quantized tokens, dequantized: ``[B, H, Q, W]``."""
-        return dequantize(self.codes.view(), self.scale.view(), self.zero.view(), self.mode, self.kind,
+        return dequantize(self.codes.view(), self.scale.view(), self.zero.view(), self.mode, self.quant,
                           self.group, self.width, self.dtype)
 
     def append(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +125,7 @@ class QuantizedStream:
             return recent  # nothing quantized yet and the buffer is not rewritten below
         out = torch.cat([self.dequantized(), recent], dim=2)
         if flush:
-            codes, scale, zero = quantize(recent[:, :, :flush], self.mode, self.kind, self.group, self.dtype)
+            codes, scale, zero = quantize(recent[:, :, :flush], self.mode, self.quant, self.group, self.dtype)
             self.codes.append(codes)
             self.scale.append(scale)
             self.zero.append(zero)
@@ -144,11 +144,11 @@ class QuantizedKVCacheLayer(CacheLayer):
     """K and V of every past token, quantized KIVI-style: keys per channel, values per token."""
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device=None, *,
-                 kind: str, group: int, residual: int, value_dim: int | None = None):
+                 quant: str, group: int, residual: int):
         super().__init__()
-        self.k = QuantizedStream(self, "k", batch, kv_heads, head_dim, "channel", kind, group, residual,
+        self.k = QuantizedStream(self, "k", batch, kv_heads, head_dim, "channel", quant, group, residual,
                                  dtype, device)
-        self.v = QuantizedStream(self, "v", batch, kv_heads, value_dim or head_dim, "token", kind, group,
+        self.v = QuantizedStream(self, "v", batch, kv_heads, head_dim, "token", quant, group,
                                  residual, dtype, device)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,204 @@
+"""The parts DeepSeek V4's compressed layers share (``compressed.py`` has the specs and modules): the
+trailing-slice RoPE, the compressor that pools ``rate`` real tokens into one entry, CSA's lightning
+indexer and the V4 cache layer (window keys, entries, compressor rings)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvlab.cache.base import CacheLayer, GrowingBuffer
+from kvlab.norms import RMSNorm
+from kvlab.rope import Rotary
+
+EMPTY_LOGIT = -1.0e30  # gate logit of an empty pooling slot: exp underflows to exactly 0 without NaN
+
+
+def rope_tail(rotary: Rotary, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the trailing ``rotary.rot_dim`` channels of ``x [..., S, D]`` (V4's ``[nope | rope]``
+    layout); cos/sin broadcast against ``x[..., -rot_dim:]``."""
+    rot = rotary.rot_dim
+    if rot == 0:
+        return x
+    head, tail = x[..., :-rot], x[..., -rot:]
+    return torch.cat([head, tail * cos + rotary.rotate(tail) * sin], dim=-1)
+
+
+class Compressor(nn.Module):
+    """Pools every ``rate`` real tokens of a row into one ``dim``-wide entry (parameter names as
+    transformers' ``DeepseekV4{HCA,CSA}Compressor``). ``overlap``: CSA's two series (width 2 dim)."""
+
+    def __init__(self, d_model: int, dim: int, rate: int, overlap: bool, eps: float):
+        super().__init__()
+        self.dim, self.rate, self.overlap = dim, rate, overlap
+        self.width = 2 * dim if overlap else dim
+        self.kv_proj = nn.Linear(d_model, self.width, bias=False)
+        self.gate_proj = nn.Linear(d_model, self.width, bias=False)
+        self.position_bias = nn.Parameter(torch.zeros(rate, self.width))
+        self.kv_norm = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor], before: torch.Tensor,
+                after: torch.Tensor, chunk_offset: torch.Tensor, rotary: Rotary
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Entries completed by this chunk ``x [B, S, d_model]``.
+
+        ``before``/``after`` [B]: real tokens of each row before/after the chunk; ``chunk_offset`` [B]:
+        chunk index of real position 0 (pad_offset - start). ``state``: ``ring_kv``/``ring_gate``
+        [B, m, width] (raw projections of the incomplete window's tokens, slot = position mod m) and for
+        CSA ``ov_kv``/``ov_gate`` [B, m, dim] (the last complete window's Ca half); updated in place.
+        Returns entries [B, n, dim] (row b's first ``new[b]`` are real, entry index ``first[b] + i``),
+        ``new`` [B] and ``first`` [B].
+        """
+        batch, seq, _ = x.shape
+        m, dim, width = self.rate, self.dim, self.width
+        kv, gate = self.kv_proj(x), self.gate_proj(x)  # [B, S, width]
+        first = torch.div(before, m, rounding_mode="floor")  # entries already emitted
+        new = torch.div(after, m, rounding_mode="floor") - first  # entries this chunk completes
+        n_win = int(new.max()) + 1  # + the window still open afterwards
+        offs = (torch.arange(n_win, device=x.device)[:, None] * m
+                + torch.arange(m, device=x.device)[None, :])  # [n, m]
+        pos = first[:, None, None] * m + offs  # [B, n, m] real position of each slot
+        from_chunk = (pos + chunk_offset[:, None, None]).clamp(0, seq - 1) + m
+        empty_idx = m + seq
+        src = torch.where(pos < before[:, None, None], pos % m,
+                          torch.where(pos < after[:, None, None], from_chunk, torch.full_like(pos, empty_idx)))
+        zero = kv.new_zeros(batch, 1, width)
+        src_flat = src.view(batch, -1, 1).expand(-1, -1, width)
+        g_kv = torch.cat([state["ring_kv"].to(kv.dtype), kv, zero], 1).gather(1, src_flat).view(batch, n_win, m, width)
+        g_gate = torch.cat([state["ring_gate"].to(gate.dtype), gate, zero], 1).gather(1, src_flat)
+        g_gate = g_gate.view(batch, n_win, m, width)
+        empty = (pos >= after[:, None, None]).unsqueeze(-1)  # [B, n, m, 1]
+        logits = (g_gate.float() + self.position_bias.float()).masked_fill(empty, EMPTY_LOGIT)
+        if self.overlap:  # entry w pools Ca of window w-1 (slots 0..m-1) and Cb of window w
+            ov_logits = (state["ov_gate"].float() + self.position_bias[:, :dim].float())
+            ov_logits = ov_logits.masked_fill((first == 0)[:, None, None], EMPTY_LOGIT)
+            prev_kv = torch.cat([state["ov_kv"].to(kv.dtype)[:, None], g_kv[:, :-1, :, :dim]], 1)
+            prev_logits = torch.cat([ov_logits[:, None], logits[:, :-1, :, :dim]], 1)
+            pool_kv = torch.cat([prev_kv, g_kv[..., dim:]], 2)  # [B, n, 2m, dim]
+            pool_logits = torch.cat([prev_logits, logits[..., dim:]], 2)
+        else:
+            pool_kv, pool_logits = g_kv, logits
+        entries = (pool_kv * pool_logits.softmax(dim=2).to(pool_kv.dtype)).sum(2)  # [B, n, dim]
+        entries = self.kv_norm(entries)
+        positions = (first[:, None] + torch.arange(n_win, device=x.device)) * m  # [B, n]
+        cos, sin = rotary.cos_sin(positions, entries.dtype)
+        entries = rope_tail(rotary, entries, cos[:, 0], sin[:, 0])
+        # carry the open window's slots and (CSA) the last complete window's Ca half
+        rows = torch.arange(batch, device=x.device)
+        state["ring_kv"] = g_kv[rows, new].to(state["ring_kv"].dtype)
+        state["ring_gate"] = g_gate[rows, new].to(state["ring_gate"].dtype)
+        if self.overlap:
+            last = (new - 1).clamp_min(0)
+            done = (new > 0)[:, None, None]
+            state["ov_kv"] = torch.where(done, g_kv[rows, last, :, :dim].to(state["ov_kv"].dtype), state["ov_kv"])
+            state["ov_gate"] = torch.where(done, g_gate[rows, last, :, :dim].to(state["ov_gate"].dtype),
+                                           state["ov_gate"])
+        return entries, new, first
+
+    def empty_state(self, batch: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+        state = {"ring_kv": torch.zeros(batch, self.rate, self.width, dtype=dtype, device=device),
+                 "ring_gate": torch.zeros(batch, self.rate, self.width, dtype=dtype, device=device)}
+        if self.overlap:
+            state["ov_kv"] = torch.zeros(batch, self.rate, self.dim, dtype=dtype, device=device)
+            state["ov_gate"] = torch.zeros(batch, self.rate, self.dim, dtype=dtype, device=device)
+        return state
+
+
+class IndexerScorer(nn.Module):
+    """``weights_proj`` of the lightning indexer (transformers' ``DeepseekV4IndexerScorer``)."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.weights_proj = nn.Linear(d_model, n_heads, bias=False)
+
+
+class Indexer(Compressor):
+    """CSA's lightning indexer: an overlapping compressor of its own at ``index_head_dim`` (its keys)
+    plus low-rank queries; scores ``sum_h w_h * relu(q_h . k_s)``."""
+
+    def __init__(self, spec, d_model: int, eps: float):
+        super().__init__(d_model, spec.index_head_dim, spec.compress_rate, True, eps)
+        self.n_heads, self.head_dim, self.topk = spec.index_n_heads, spec.index_head_dim, spec.index_topk
+        self.q_b_proj = nn.Linear(spec.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.scorer = IndexerScorer(d_model, self.n_heads)
+
+    def scores(self, x: torch.Tensor, q_res: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor,
+               rotary: Rotary, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Index scores ``[B, S, E]`` (fp32) of keys ``[B, E, d_I]``; invisible entries are -inf."""
+        batch, seq, _ = x.shape
+        q = self.q_b_proj(q_res).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        q = rope_tail(rotary, q, cos, sin)  # [B, H_I, S, d_I]
+        dots = F.relu(q.float() @ keys.float().transpose(-1, -2).unsqueeze(1)) * self.head_dim ** -0.5
+        weights = self.scorer.weights_proj(x).float() * self.n_heads ** -0.5  # [B, S, H_I]
+        total = torch.einsum("bhse,bsh->bse", dots, weights)
+        entry = torch.arange(keys.shape[1], device=x.device)
+        return total.masked_fill(entry >= visible.unsqueeze(-1), float("-inf"))
+
+    def select(self, scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k entry indices ``[B, S, k]`` in position order, and their validity. Deterministic under
+        ties: entries scoring above the k-th score are taken, then the earliest entries equal to it."""
+        k = min(self.topk, scores.shape[-1])
+        kth = scores.topk(k, dim=-1).values[..., -1:]  # [B, S, 1]
+        above = scores > kth
+        tie = scores == kth
+        chosen = above | (tie & (tie.cumsum(-1) <= k - above.sum(-1, keepdim=True)))  # exactly k per query
+        idx = chosen.nonzero()[:, -1].view(*scores.shape[:-1], k)
+        return idx, idx < visible.unsqueeze(-1)
+
+
+class V4CacheLayer(CacheLayer):
+    """Window keys (K = V, last ``window - 1``), compressed entries (+ indexer keys), compressor rings
+    and overlaps (fixed size)."""
+
+    def __init__(self, batch: int, head_dim: int, window: int, dtype: torch.dtype, device,
+                 compressors: dict[str, Compressor]):
+        super().__init__()
+        self.window, self.head_dim = window, head_dim
+        self._dtype, self._device, self._batch = dtype, device, batch
+        self.state["window"] = torch.zeros(batch, 0, head_dim, dtype=dtype, device=device)
+        self.compressors = compressors
+        for name, comp in compressors.items():
+            self.buffers[name] = GrowingBuffer((batch, 0, comp.dim), 1, dtype, device)
+            for key, t in comp.empty_state(batch, dtype, device).items():
+                self.state[f"{name}.{key}"] = t
+
+    def comp_state(self, name: str) -> dict[str, torch.Tensor]:
+        prefix = f"{name}."
+        return {k[len(prefix):]: v for k, v in self.state.items() if k.startswith(prefix)}
+
+    def set_comp_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        for k, v in state.items():
+            self.state[f"{name}.{k}"] = v
+
+    def window_append(self, kv: torch.Tensor) -> torch.Tensor:
+        """Append ``kv [B, S, d]``; return the held window + new keys ``[B, T_w, d]``."""
+        full = torch.cat([self.state["window"], kv.to(self.state["window"].dtype)], 1)
+        keep = min(full.shape[1], self.window - 1)
+        self.state["window"] = full[:, full.shape[1] - keep:].clone()
+        return full
+
+    def append_entries(self, name: str, entries: torch.Tensor, new: torch.Tensor, first: torch.Tensor,
+                       uniform: bool) -> torch.Tensor:
+        """Write each row's new entries at its own entry index; return all entries ``[B, E, dim]``."""
+        buf = self.buffers[name]
+        if uniform:
+            n = int(new[0])
+            return buf.append(entries[:, :n]) if n else buf.view()
+        total = int((first + new).max())
+        grow = total - buf.length
+        if grow > 0:
+            buf.append(entries.new_zeros(entries.shape[0], grow, entries.shape[2]))
+        i = torch.arange(entries.shape[1], device=entries.device)
+        rows, cols = (i[None, :] < new[:, None]).nonzero(as_tuple=True)
+        if rows.numel():
+            buf.data[rows, first[rows] + cols] = entries[rows, cols].to(buf.data.dtype)
+        return buf.view()
+
+    def reserve(self, total: int) -> None:
+        for name, comp in self.compressors.items():
+            self.buffers[name].reserve(total // comp.rate + 1)
+
+    def reset(self) -> None:
+        super().reset()
+        self.state["window"] = self.state["window"][:, :0]
