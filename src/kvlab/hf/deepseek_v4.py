@@ -12,7 +12,8 @@ import dataclasses
 
 from kvlab.config import ModelConfig, RopeConfig
 from kvlab.errors import ConfigError
-from kvlab.hf import hf_get, register_family
+from kvlab.hf import hf_get, hf_rope, register_family
+from kvlab.hf.llama import decoder_config
 
 TYPES = {"sliding_attention": "v4_sliding", "compressed_sparse_attention": "csa",
          "heavily_compressed_attention": "hca"}
@@ -57,16 +58,12 @@ def _ropes(hf: dict, partial: float) -> tuple[RopeConfig, RopeConfig]:
         comp_p = {**scaling, "rope_theta": hf.get("compress_rope_theta", 160000.0)}
 
     def rope(p: dict, yarn_ok: bool) -> RopeConfig:
-        p = dict(p)
-        theta = float(p.pop("rope_theta", 10000.0))
-        p.pop("partial_rotary_factor", None)
-        kind = p.get("rope_type", p.get("type", "default"))
-        scaling = None
-        if yarn_ok and kind not in (None, "default"):
-            scaling = {"rope_type": kind, **{k: v for k, v in p.items() if k not in ("rope_type", "type")}}
-            if kind == "yarn":
-                scaling.setdefault("attention_factor", 1.0)  # V4 does not scale cos/sin by YaRN's mscale
-        return RopeConfig(theta=theta, partial=partial, interleaved=True, scaling=scaling, max_position=max_pos)
+        p = {"rope_theta": 10000.0, **p} if yarn_ok else {"rope_theta": p.get("rope_theta", 10000.0)}
+        p.pop("partial_rotary_factor", None)  # V4's rotated slice is ``partial`` (qk_rope_head_dim)
+        if p.get("rope_type", p.get("type")) == "yarn":
+            p.setdefault("attention_factor", 1.0)  # V4 does not scale cos/sin by YaRN's mscale
+        parsed = hf_rope({"rope_parameters": p, "max_position_embeddings": max_pos})
+        return dataclasses.replace(parsed, partial=partial, interleaved=True)
 
     return rope(main_p, False), rope(comp_p, True)
 
@@ -105,23 +102,12 @@ def deepseek_v4_config(hf: dict) -> ModelConfig:
                         index_topk=hf_get(hf, "index_topk", default=512))
         layers.append(spec)
     extra = {}
-    if any(f.name == "hyper_connections" for f in dataclasses.fields(ModelConfig)):
-        streams = hf_get(hf, "hc_mult", default=4)
-        if streams and streams > 1:
-            extra["hyper_connections"] = {"streams": streams,
-                                          "sinkhorn_iters": hf_get(hf, "hc_sinkhorn_iters", default=20),
-                                          "eps": hf_get(hf, "hc_eps", default=1e-6)}
-    return ModelConfig.from_dict({
-        "name": "deepseek_v4",
-        "vocab_size": hf["vocab_size"],
-        "d_model": hf["hidden_size"],
-        "n_layers": hf["num_hidden_layers"],
-        # every V4 MLP is a mixture of experts: planned as one expert's width (the cache does not depend on it)
-        "mlp_hidden": hf_get(hf, "moe_intermediate_size", "intermediate_size", default=2048),
-        "norm_eps": hf_get(hf, "rms_norm_eps", default=1e-6),
-        "rope": dataclasses.asdict(main_rope),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        "max_seq_len": hf_get(hf, "max_position_embeddings", default=1048576),
-        "layers": layers,
-        **extra,
-    })
+    streams = hf_get(hf, "hc_mult", default=4)
+    if streams and streams > 1:
+        extra["hyper_connections"] = {"streams": streams, "sinkhorn_iters": hf_get(hf, "hc_sinkhorn_iters", default=20),
+                                      "eps": hf_get(hf, "hc_eps", default=1e-6)}
+    sizes = {  # every V4 MLP is a mixture of experts: planned as one expert's width (the cache does not depend on it)
+        "intermediate_size": hf_get(hf, "moe_intermediate_size", "intermediate_size", default=2048),
+        "rms_norm_eps": hf_get(hf, "rms_norm_eps", default=1e-6),
+        "max_position_embeddings": hf_get(hf, "max_position_embeddings", default=1048576)}
+    return decoder_config({**hf, **sizes}, "deepseek_v4", layers, rope=main_rope, **extra)

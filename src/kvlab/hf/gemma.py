@@ -11,6 +11,7 @@ last earlier layer of their type (``kvlab.sharing.share_last``), with a double-w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -18,7 +19,7 @@ import torch
 
 from kvlab.config import ModelConfig
 from kvlab.errors import UnsupportedError
-from kvlab.hf import register_family
+from kvlab.hf import hf_rope, register_family
 from kvlab.hf.llama import decoder_config, strip_model_prefix
 from kvlab.sharing import share_last
 
@@ -31,14 +32,11 @@ def text_config(hf: dict) -> dict:
 
 
 def rope_of(params: dict | None, default_theta: float) -> dict:
-    """One HF ``rope_parameters`` entry -> kvlab's rope dict."""
-    params = dict(params or {})
-    kind = params.pop("rope_type", params.pop("type", "default"))
-    theta = params.pop("rope_theta", default_theta)
-    partial = params.pop("partial_rotary_factor", 1.0)
-    if kind == "default":  # Gemma's default RoPE ignores partial_rotary_factor
-        return {"theta": theta}
-    return {"theta": theta, "partial": partial, "scaling": {"rope_type": kind, **params}}
+    """One HF ``rope_parameters`` entry -> kvlab's rope dict (parsed by ``hf_rope``)."""
+    params = {"rope_theta": default_theta, **(params or {})}
+    if params.get("rope_type", params.get("type", "default")) == "default":
+        params.pop("partial_rotary_factor", None)  # Gemma's default RoPE ignores partial_rotary_factor
+    return dataclasses.asdict(hf_rope({"rope_parameters": params}))
 
 
 def layer_types(hf: dict, pattern: int) -> list[str]:

@@ -15,8 +15,8 @@ import torch
 
 from kvlab.config import ModelConfig, RopeConfig
 from kvlab.errors import ConfigError, UnsupportedError
-from kvlab.hf import hf_dtype, hf_get, hf_rope, register_family
-from kvlab.hf.llama import ACTS, strip_model_prefix
+from kvlab.hf import hf_get, hf_rope, register_family
+from kvlab.hf.llama import decoder_config, strip_model_prefix
 
 # transformers' defaults when ``rope_parameters`` is absent
 DEFAULT_ROPE = {
@@ -73,20 +73,8 @@ def per_layer_model_config(hf: dict, name: str, layers: list[dict], rope: RopeCo
                            norm_eps: float, tie: bool) -> ModelConfig:
     """The global fields of a per-layer-typed family (Laguna, ZAYA); ``norm_eps`` / ``tie``: the family's
     defaults for ``rms_norm_eps`` / ``tie_word_embeddings``."""
-    return ModelConfig(
-        name=name,
-        vocab_size=hf["vocab_size"],
-        d_model=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        mlp_hidden=mlp_hidden,
-        mlp_act=ACTS.get(hf.get("hidden_act", "silu"), hf.get("hidden_act")),
-        norm_eps=hf.get("rms_norm_eps", norm_eps),
-        rope=rope,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", tie)),
-        dtype=hf_dtype(hf),
-        max_seq_len=hf.get("max_position_embeddings", 131072),
-        layers=layers,
-    )
+    defaults = {"rms_norm_eps": norm_eps, "tie_word_embeddings": tie, "max_position_embeddings": 131072}
+    return decoder_config({**defaults, **hf, "intermediate_size": mlp_hidden}, name, layers, rope=rope)
 
 
 def laguna_state(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
