@@ -87,6 +87,13 @@ class CCASpec(LayerSpec):
         kv = 2 * self.n_kv_heads * self.head_dim * self.cached_tokens(tokens)
         return batch * (kv + self.state_elements()) * elem_bytes
 
+    def attention_pattern(self, seq: int):
+        pattern, caption = super().attention_pattern(seq)
+        if self.window is not None:
+            steps = torch.arange(seq)
+            pattern = pattern & (steps[None, :] > steps[:, None] - self.window)
+        return pattern, caption
+
     def label(self) -> str:
         window = "" if self.window is None else f"-W{self.window}"
         return f"CCA-{self.n_heads}/{self.n_kv_heads}{window}"

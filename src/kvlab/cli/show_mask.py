@@ -22,21 +22,9 @@ def add_parser(sub):
 
 
 def attention_pattern(spec, seq: int) -> tuple[torch.Tensor, str]:
-    """Bool ``[seq, seq]`` (True = query row attends key column) of a resolved layer spec, and a caption."""
-    from kvlab.attention._common import ForwardContext
-
-    ctx = ForwardContext(1, seq, 0, None, torch.device("cpu"))
-    steps = torch.arange(seq)
-    kind = spec.type
-    if kind == "block_sparse":
-        from kvlab.attention.block_sparse import block_sparse_mask
-
-        return block_sparse_mask(spec, ctx, steps)[0, 0], spec.label()
-    if kind == "gated_deltanet":
-        return ctx.mask(steps)[0, 0], f"{spec.label()}: every past token, through a fixed-size state"
-    window = getattr(spec, "window", None)
-    caption = spec.label() + (" (+ learned sink logit)" if getattr(spec, "sink_logits", False) else "")
-    return ctx.mask(steps, window=window, sinks=getattr(spec, "sinks", 0) if window else 0)[0, 0], caption
+    """Bool ``[seq, seq]`` (True = query row attends key column) of a resolved layer spec, and a caption:
+    the spec's own ``attention_pattern`` (each technique draws itself)."""
+    return spec.attention_pattern(seq)
 
 
 def run(args) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 from kvlab.config import ModelConfig
+from kvlab.config_options import spec_class
 
 H, D = 8, 8  # query heads, head dim of the MHA baseline (d_model 64)
 
@@ -58,8 +59,6 @@ def availability(needs: tuple[str, ...], config: dict) -> str | None:
     for name in needs:
         if name not in known:
             return f"technique '{name}' not registered yet"
-        if known[name].module_cls is None:
-            return f"technique '{name}' has no module yet (plannable only)"
     try:
         ModelConfig.from_dict(config)
     except Exception as e:  # a config error from someone else's spec is "not available", not a crash
@@ -68,10 +67,10 @@ def availability(needs: tuple[str, ...], config: dict) -> str | None:
 
 
 def count_params(config: dict) -> int:
-    """Parameter count of a built model (shared weights counted once)."""
-    from kvlab.model import Model
+    """Parameter count of the model (shared weights counted once), from the parameter shapes."""
+    from kvlab.model import count_parameters
 
-    return Model(ModelConfig.from_dict(config)).num_parameters()
+    return count_parameters(ModelConfig.from_dict(config))
 
 
 def match_params(config: dict, target: int, tolerance: float = 0.02) -> tuple[dict, int]:
@@ -85,19 +84,15 @@ def match_params(config: dict, target: int, tolerance: float = 0.02) -> tuple[di
     return out, count_params(out)
 
 
-# Per-layer fields that are widths (scaled by ``widen``); head counts, windows and rates are not.
-WIDTH_FIELDS = ("head_dim", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
-                "o_lora_rank", "index_head_dim")
-
-
 def widen(config: dict, factor: int) -> dict:
     """``config`` with ``d_model``, the MLP and every per-layer width multiplied by ``factor``: the same
     techniques at a width where a decode step is bound by reading the cache, not by per-call overhead
     (a 64-wide model spends ~1 ms per token in Python whatever its attention)."""
     config = ModelConfig.from_dict(config).to_dict()  # shorthands expanded: one dict per layer
 
-    def wide(layer: dict) -> dict:
-        return {**layer, **{name: layer[name] * factor for name in WIDTH_FIELDS if isinstance(layer.get(name), int)}}
+    def wide(layer: dict) -> dict:  # the widths each spec declares (WIDTH_FIELDS); heads, windows, rates stay
+        fields = spec_class(layer["type"]).WIDTH_FIELDS
+        return {**layer, **{name: layer[name] * factor for name in fields if isinstance(layer.get(name), int)}}
 
     return {**config, "d_model": config["d_model"] * factor, "mlp_hidden": config["mlp_hidden"] * factor,
             "layers": [wide(layer) for layer in config["layers"]]}
