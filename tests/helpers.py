@@ -9,10 +9,15 @@ import torch
 from kvlab import Model, ModelConfig
 
 
+def model_dict(layers, vocab: int = 97, d_model: int = 64, mlp_hidden: int = 96, **extra) -> dict:
+    """A model config dict around ``layers`` (a matrix case: keys starting with ``_``, like ``_seq``, are
+    test settings, dropped before the config is built)."""
+    return {"vocab_size": vocab, "d_model": d_model, "n_layers": len(layers), "mlp_hidden": mlp_hidden,
+            "layers": layers, **extra}
+
+
 def tiny_config(layers: list[dict], vocab: int = 97, d_model: int = 64, mlp_hidden: int = 96, **extra) -> ModelConfig:
-    data = {"vocab_size": vocab, "d_model": d_model, "n_layers": len(layers), "mlp_hidden": mlp_hidden,
-            "layers": copy.deepcopy(layers), **extra}
-    return ModelConfig.from_dict(data)
+    return ModelConfig.from_dict(model_dict(copy.deepcopy(layers), vocab, d_model, mlp_hidden, **extra))
 
 
 def build(config: ModelConfig | dict, seed: int = 0) -> Model:

@@ -1,18 +1,17 @@
 """Block-sparse attention (Longformer, BigBird): standard matrix, an independent explicit-mask reference,
 the planner's pair count against that mask, bounded vs full caches, and the flex kernel."""
 
+from functools import partial
+
 import pytest
 import torch
-from helpers import build, decode_stepwise, tiny_config
+from helpers import build, decode_stepwise, model_dict, tiny_config
 from matrix import *  # noqa: F401,F403
 
 import kvlab
 from kvlab.attention.block_sparse import random_block_table
 
-
-def _model(layers, **extra):
-    return {"vocab_size": 97, "d_model": 64, "n_layers": len(layers), "mlp_hidden": 96, "layers": layers,
-            "_seq": 40, **extra}
+_model = partial(model_dict, _seq=40)
 
 
 LF = {"type": "block_sparse", "n_heads": 4, "n_kv_heads": 2, "block": 4, "local_blocks": 2, "global_blocks": 1}

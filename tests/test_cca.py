@@ -4,6 +4,7 @@ module parity with transformers' ``zaya`` attention."""
 import pytest
 import torch
 from helpers import build
+from helpers import model_dict as _model
 from hf_parity import additive_causal_mask, check_module_parity, noisy_
 from matrix import *  # noqa: F401,F403
 from safetensors.torch import load_file
@@ -14,10 +15,6 @@ from kvlab.hf.zaya import attention_state
 from kvlab.model import build_attention
 
 transformers = pytest.importorskip("transformers")
-
-
-def _model(layers, **extra):
-    return {"vocab_size": 97, "d_model": 64, "n_layers": len(layers), "mlp_hidden": 96, "layers": layers, **extra}
 
 
 def _cca(n_heads=4, n_kv=2, head_dim=16, **extra):

@@ -3,16 +3,16 @@ transformers' deepseek_v4 modules, decode sparsity and planner checks."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
-from helpers import build, decode_stepwise
+from helpers import build, decode_stepwise, model_dict
 from matrix import *  # noqa: F401,F403
 
 import kvlab
 
-
-def _model(layers, **extra):
-    return {"vocab_size": 97, "d_model": 32, "n_layers": len(layers), "mlp_hidden": 48, "layers": layers, **extra}
+_model = partial(model_dict, d_model=32, mlp_hidden=48)
 
 
 _V4 = {"n_heads": 4, "head_dim": 16, "q_lora_rank": 24, "o_groups": 2, "o_lora_rank": 12, "window": 6,

@@ -4,14 +4,10 @@ import math
 
 import torch
 from helpers import build, tiny_config
+from helpers import model_dict as _model
 from matrix import *  # noqa: F401,F403
 
 from kvlab.attention._common import ForwardContext
-
-
-def _model(layers, **extra):
-    return {"vocab_size": 97, "d_model": 64, "n_layers": len(layers), "mlp_hidden": 96, "layers": layers, **extra}
-
 
 CASES = {
     "mha": _model([{"type": "full", "n_heads": 4}] * 2),

@@ -1,18 +1,17 @@
 """Gated DeltaNet: standard matrix (incl. 3 linear : 1 full hybrid), chunked == recurrent form, constant
 state bytes, and parity with transformers' Qwen3NextGatedDeltaNet on the same weights."""
 
+from functools import partial
+
 import pytest
 import torch
-from helpers import build, tiny_config
+from helpers import build, model_dict, tiny_config
 from matrix import *  # noqa: F401,F403
 
 import kvlab
 from kvlab.attention.gated_deltanet import delta_rule_chunked, delta_rule_recurrent, l2_normalize
 
-
-def _model(layers, **extra):
-    return {"vocab_size": 97, "d_model": 64, "n_layers": len(layers), "mlp_hidden": 96, "layers": layers,
-            "_seq": 40, **extra}
+_model = partial(model_dict, _seq=40)
 
 
 GDN = {"type": "gated_deltanet", "n_heads": 4, "n_kv_heads": 2, "head_dim": 8, "value_head_dim": 12,

@@ -6,13 +6,10 @@ replace the standard matrix.)"""
 import pytest
 import torch
 from helpers import build, decode_stepwise
+from helpers import model_dict as _model
 
 import kvlab
 from kvlab.cache.quantized import dequantize, quantize, quantized_tokens, stream_bytes
-
-
-def _model(layers, **extra):
-    return {"vocab_size": 97, "d_model": 64, "n_layers": len(layers), "mlp_hidden": 96, "layers": layers, **extra}
 
 
 def _full(kind, **extra):

@@ -3,6 +3,7 @@ kvlab models through the standard matrix; parity with transformers' ``laguna`` (
 
 import pytest
 import torch
+from helpers import model_dict as _model
 from hf_parity import additive_causal_mask, check_module_parity, noisy_
 from matrix import *  # noqa: F401,F403
 
@@ -14,10 +15,6 @@ transformers = pytest.importorskip("transformers")
 YARN = {"theta": 500000.0, "partial": 0.5, "max_position": 2048,
         "scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
                     "beta_fast": 64, "beta_slow": 1, "attention_factor": 1.0}}
-
-
-def _model(layers, **extra):
-    return {"vocab_size": 97, "d_model": 64, "n_layers": len(layers), "mlp_hidden": 96, "layers": layers, **extra}
 
 
 def _layer(n_heads, gate="head", **extra):

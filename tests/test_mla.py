@@ -4,6 +4,7 @@ key only, and a decode step never materializes per-head K/V of past tokens."""
 import pytest
 import torch
 from helpers import build, decode_stepwise
+from helpers import model_dict as _model
 from matrix import *  # noqa: F401,F403
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -13,10 +14,6 @@ import kvlab
 YARN = {"theta": 10000.0, "interleaved": True, "max_position": 1024,
         "scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
                     "mscale_all_dim": 0.8}}
-
-
-def _model(layers, **extra):
-    return {"vocab_size": 97, "d_model": 64, "n_layers": len(layers), "mlp_hidden": 96, "layers": layers, **extra}
 
 
 def _mla(**extra):

@@ -3,7 +3,7 @@ standard matrix on shared layouts (GQA/MQA, q/k norm, windows)."""
 
 import pytest
 import torch
-from helpers import build, decode_stepwise, tiny_config
+from helpers import build, decode_stepwise, model_dict, tiny_config
 from matrix import *  # noqa: F401,F403
 
 import kvlab
@@ -15,8 +15,7 @@ S = {"type": "sliding", "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "window":
 
 
 def _model(layers, sharing=None, **extra):
-    out = {"vocab_size": 97, "d_model": 32, "n_layers": len(layers), "mlp_hidden": 48, "layers": layers,
-           "_seq": 20, **extra}
+    out = model_dict(layers, d_model=32, mlp_hidden=48, _seq=20, **extra)
     if sharing:
         out["kv_sharing"] = sharing
     return out

@@ -1,16 +1,15 @@
 """Sliding window (+ sinks, + learned sink logits): standard matrix, constant cache bytes, parity with
 transformers' Mistral, and an independent masked reference."""
 
+from functools import partial
+
 import torch
-from helpers import build, decode_stepwise, tiny_config
+from helpers import build, decode_stepwise, model_dict, tiny_config
 from matrix import *  # noqa: F401,F403
 
 import kvlab
 
-
-def _model(layers, **extra):
-    return {"vocab_size": 97, "d_model": 64, "n_layers": len(layers), "mlp_hidden": 96, "layers": layers,
-            "_seq": 40, **extra}
+_model = partial(model_dict, _seq=40)
 
 
 W = {"type": "sliding", "n_heads": 4, "n_kv_heads": 2, "window": 8}
