@@ -1,10 +1,9 @@
 """kvlab: build, convert and measure transformer attention whose KV cache is smaller."""
 
-__version__ = "0.1.0"
-
-from kvlab import registry as _registry  # noqa: E402,F401  (installs the technique loader; torch-free)
-from kvlab.config import LayerSpec, ModelConfig, RopeConfig  # noqa: E402
-from kvlab.errors import ConfigError, KvlabError, UnsupportedError  # noqa: E402
+from kvlab import registry as _registry  # noqa: F401  (installs the technique loader; torch-free)
+from kvlab._version import __version__
+from kvlab.config import LayerSpec, ModelConfig, RopeConfig
+from kvlab.errors import ConfigError, KvlabError, UnsupportedError
 
 __all__ = ["ConfigError", "KvlabError", "LayerSpec", "ModelConfig", "RopeConfig", "UnsupportedError",
            "Model", "Cache", "load", "plan", "__version__"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from kvlab._version import __version__
 from kvlab.config_options import (
     BASE_OPTIONS,
     apply_kv_sharing,
@@ -342,8 +343,6 @@ class ModelConfig:
         return _build_dataclass(cls, data, "")
 
     def to_json(self) -> str:
-        from kvlab import __version__
-
         return json.dumps({"kvlab_version": __version__, **self.to_dict()}, indent=2)
 
     def save(self, path: str | Path) -> None:

@@ -61,10 +61,9 @@ class MLASpec(LayerSpec):
     WIDTH_FIELDS: ClassVar[tuple[str, ...]] = ("head_dim", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
                                                "qk_nope_head_dim", "v_head_dim")
     EXAMPLES: ClassVar[dict[str, dict]] = {
-        "q_lora_int8_shared_latent": {"layers": [
+        "q_lora_paths_shared_latent": {"layers": [
             {"type": "mla", "n_heads": 4, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8,
-             "v_head_dim": 8, "q_lora_rank": 12, "kv_quant": "int8", "kv_quant_group": 4,
-             "kv_quant_residual": 3},
+             "v_head_dim": 8, "q_lora_rank": 12},
             {"type": "mla", "n_heads": 2, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8,
              "v_head_dim": 12, "path": "expanded"},
             {"type": "mla", "n_heads": 2, "kv_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8,

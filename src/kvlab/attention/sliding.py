@@ -38,8 +38,8 @@ class SlidingSpec(FullSpec):
     EXAMPLES: ClassVar[dict[str, dict]] = {
         "window_sinks_logits": {"layers": [{"type": "sliding", "n_heads": 4, "n_kv_heads": 2, "window": 5,
                                             "sinks": 2, "sink_logits": True},
-                                           {"type": "sliding", "n_heads": 2, "n_kv_heads": 2, "window": 5,
-                                            "kv_from": 0}], "_seq": 20},
+                                           {"type": "sliding", "n_heads": 2, "n_kv_heads": 2, "head_dim": 8,
+                                            "window": 5, "kv_from": 0}], "_seq": 20},
     }
 
     def validate(self, where: str) -> None:
