@@ -54,8 +54,8 @@ def technique_name(name: object, where: str = "type") -> str:
 def check_int(where: str, value: Any, low: int = 1) -> int:
     """``value`` if it is an integer ``>= low`` (booleans are not), else a ConfigError naming ``where``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        kind = "a positive integer" if low == 1 else f"an integer >= {low}"
-        raise ConfigError(f"{where}: must be {kind}, got {value!r}")
+        wanted = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ConfigError(f"{where}: must be {wanted}, got {value!r}")
     return value
 
 

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from kvlab.rope import Rotary
 
+EMPTY_STEP = -(2**40)  # the step of a never-written cache slot: before every query's window, so every mask rejects it
+
 
 class ForwardContext:
     """Per-forward information shared by all layers; memoizes masks and cos/sin.

@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import torch
 
-from kvlab.attention._common import ForwardContext, grouped_sdpa
+from kvlab.attention._common import EMPTY_STEP, ForwardContext, grouped_sdpa
 from kvlab.attention.full import FullAttention, FullSpec, KVCacheLayer
 from kvlab.attention.sliding import WindowKVCacheLayer
 from kvlab.cache.base import CacheLayer
@@ -42,7 +42,6 @@ from kvlab.sharing import shared_cache_layer
 log = logging.getLogger(__name__)
 
 FLEX_MIN_QUERIES = 256  # below this, compile time and block overhead outweigh the sparse kernel
-_NEVER = -(2**40)  # step of an empty slot: rejected by every mask
 
 
 @register_spec("block_sparse", aliases=("bigbird", "longformer", "sparse"))
@@ -109,8 +108,7 @@ class BlockSparseSpec(FullSpec):
         base = f"{name}-{self.block}x{self.local_blocks}+{self.global_blocks}g"
         if self.random_blocks:
             base += f"+{self.random_blocks}r (compute saving only)"
-        kv = self.n_kv_heads or self.n_heads
-        return base if kv == self.n_heads else f"{base} {super().label()}"
+        return self.grouped_label(base)
 
     def attention_pattern(self, seq: int):
         ctx = ForwardContext(1, seq, 0, None, torch.device("cpu"))
@@ -236,10 +234,10 @@ class BlockSparseAttention(FullAttention):
         keys, values, steps = [], [], []
         if n_glob:
             gsteps = pad[:, None] + torch.arange(n_glob, device=k.device)[None, :]  # [B, G]
-            steps.append(torch.where(gsteps < start, gsteps, torch.full_like(gsteps, _NEVER)))
+            steps.append(torch.where(gsteps < start, gsteps, torch.full_like(gsteps, EMPTY_STEP)))
             keys.append(cache.state["sink_k"])
             values.append(cache.state["sink_v"])
-            ring = torch.where(ring - pad[:, None] < n_glob, torch.full_like(ring, _NEVER), ring)
+            ring = torch.where(ring - pad[:, None] < n_glob, torch.full_like(ring, EMPTY_STEP), ring)
         keys += [cache.ring_k[:, :, : ring.shape[1]], k]
         values += [cache.ring_v[:, :, : ring.shape[1]], v]
         steps += [ring, ctx.query_steps[None, :].expand(batch, -1)]

@@ -50,6 +50,11 @@ class FullSpec(LayerSpec):
         kv = self.n_kv_heads or self.n_heads
         return "MHA" if kv == self.n_heads else ("MQA" if kv == 1 else f"GQA-{self.n_heads // kv}")
 
+    def grouped_label(self, base: str) -> str:
+        """``base`` followed by the GQA/MQA label when the layer has fewer KV heads than query heads."""
+        kv = self.n_kv_heads or self.n_heads
+        return base if kv == self.n_heads else f"{base} {FullSpec.label(self)}"
+
     def accepts_kv_from(self, producer: LayerSpec) -> bool:
         """Full and sliding layers may read each other's K/V (a consumer sees the producer's keys and mask)."""
         return isinstance(producer, FullSpec)

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from kvlab.attention._common import ForwardContext
+from kvlab.attention._common import EMPTY_STEP, ForwardContext
 from kvlab.attention.full import FullAttention, FullSpec
 from kvlab.cache.base import CacheLayer
 from kvlab.config_options import check_ints
@@ -68,15 +68,11 @@ class SlidingSpec(FullSpec):
         base = f"SWA-{self.window}"
         if self.sinks:
             base += f"+{self.sinks}sink"
-        kv = self.n_kv_heads or self.n_heads
-        return base if kv == self.n_heads else f"{base} {super().label()}"
+        return self.grouped_label(base)
 
     def attention_pattern(self, seq: int):
-        from kvlab.attention._common import ForwardContext
-
-        ctx = ForwardContext(1, seq, 0, None, torch.device("cpu"))
-        caption = self.label() + (" (+ learned sink logit)" if self.sink_logits else "")
-        return ctx.mask(torch.arange(seq), window=self.window, sinks=self.sinks)[0, 0], caption
+        mask = ForwardContext(1, seq, 0, None, torch.device("cpu")).mask(torch.arange(seq), self.window, self.sinks)
+        return mask[0, 0], self.label() + (" (+ learned sink logit)" if self.sink_logits else "")
 
 
 class WindowKVCacheLayer(CacheLayer):
@@ -116,11 +112,11 @@ class WindowKVCacheLayer(CacheLayer):
         self.ring_v = self.ring_v.index_select(0, rows.to(self.ring_v.device))
 
     def key_steps(self) -> torch.Tensor:
-        """Step held by each ring slot ``[window]`` (``-2**40`` for empty slots)."""
+        """Step held by each ring slot ``[window]`` (``EMPTY_STEP`` for empty slots)."""
         slots = torch.arange(self.window, device=self.ring_k.device)
         last = self.length - 1
         steps = slots + self.window * torch.div(last - slots, self.window, rounding_mode="floor")
-        return torch.where(steps >= 0, steps, torch.full_like(steps, -(2**40)))
+        return torch.where(steps >= 0, steps, torch.full_like(steps, EMPTY_STEP))
 
     def write(self, k: torch.Tensor, v: torch.Tensor, start: int, pad_offset: torch.Tensor | None) -> None:
         """Store the new steps ``start .. start+S-1`` (ring: only the last ``window``; sinks: the tokens

@@ -118,8 +118,8 @@ def gemma4_config(hf: dict) -> ModelConfig:
         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}}
     k_eq_v = bool(hf.get("attention_k_eq_v", False))
     layers = []
-    for i, kind in enumerate(layer_types(hf, 6)):
-        full = kind == "full_attention"
+    for i, layer_type in enumerate(layer_types(hf, 6)):
+        full = layer_type == "full_attention"
         n_kv, head_dim = hf.get("num_key_value_heads", 4), hf.get("head_dim", 256)
         if full:
             head_dim = hf.get("global_head_dim", 512)
@@ -130,7 +130,7 @@ def gemma4_config(hf: dict) -> ModelConfig:
         layer = {"type": "full" if full else "sliding", "n_heads": hf["num_attention_heads"], "n_kv_heads": n_kv,
                  "head_dim": head_dim, "qk_norm": True, "v_norm": True, "softmax_scale": 1.0,
                  "qkv_bias": bool(hf.get("attention_bias")), "o_bias": bool(hf.get("attention_bias")),
-                 "rope": rope_of(rope.get(kind), 1e6 if full else 1e4)}
+                 "rope": rope_of(rope.get(layer_type), 1e6 if full else 1e4)}
         if full and k_eq_v:
             layer["k_eq_v"] = True
         if not full:

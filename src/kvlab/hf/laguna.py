@@ -55,15 +55,15 @@ def laguna_config(hf: dict) -> ModelConfig:
     bias = bool(hf.get("attention_bias", False))
     ropes = {t: per_type_rope(hf, t) for t in set(layer_types)}
     layers = []
-    for i, (kind, n_heads) in enumerate(zip(layer_types, heads)):
+    for i, (layer_type, n_heads) in enumerate(zip(layer_types, heads)):
         spec = {"type": "full", "n_heads": n_heads, "n_kv_heads": hf_get(hf, "num_key_value_heads", default=n_heads),
                 "head_dim": hf.get("head_dim", 128), "qk_norm": True, "qkv_bias": bias, "o_bias": bias,
-                "output_gate": GATES[gating], "rope": dataclasses.asdict(ropes[kind])}
-        if kind == "sliding_attention":
+                "output_gate": GATES[gating], "rope": dataclasses.asdict(ropes[layer_type])}
+        if layer_type == "sliding_attention":
             spec.update(type="sliding", window=hf["sliding_window"])
-        elif kind != "full_attention":
+        elif layer_type != "full_attention":
             raise ConfigError(f"config.json: layer_types[{i}] must be 'full_attention' or 'sliding_attention', "
-                              f"got {kind!r}")
+                              f"got {layer_type!r}")
         layers.append(spec)
     return per_layer_model_config(hf, "laguna", layers, ropes[layer_types[0]], mlp_hidden=hf["intermediate_size"],
                                   norm_eps=1e-6, tie=False)

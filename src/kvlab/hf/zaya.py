@@ -33,14 +33,14 @@ def zaya_config(hf: dict) -> ModelConfig:
     ropes = {t: per_type_rope(hf, t, DEFAULT_ROPE) for t in set(layer_types)}
     bias = bool(hf.get("attention_bias", False))
     layers = []
-    for i, kind in enumerate(layer_types):
-        if kind not in DEFAULT_ROPE:
-            raise ConfigError(f"config.json: layer_types[{i}] must be 'hybrid' or 'hybrid_sliding', got {kind!r}")
+    for i, layer_type in enumerate(layer_types):
+        if layer_type not in DEFAULT_ROPE:
+            raise ConfigError(f"config.json: layer_types[{i}] must be 'hybrid' or 'hybrid_sliding', got {layer_type!r}")
         spec = {"type": "cca", "n_heads": hf["num_attention_heads"], "n_kv_heads": hf["num_key_value_heads"],
                 "head_dim": hf.get("head_dim", 128), "qkv_bias": bias, "o_bias": bias,
                 "conv_depthwise": hf.get("cca_time0", 2), "conv_grouped": hf.get("cca_time1", 2),
-                "rope": dataclasses.asdict(ropes[kind])}
-        if kind == "hybrid_sliding":
+                "rope": dataclasses.asdict(ropes[layer_type])}
+        if layer_type == "hybrid_sliding":
             if hf.get("sliding_window") is None:
                 raise ConfigError("config.json: sliding_window must be set when layer_types has 'hybrid_sliding'")
             spec["window"] = hf["sliding_window"]
