@@ -56,6 +56,10 @@ def test_budget_plan_reproduces_and_is_deterministic(setup, capsys):
     budget = ["--kv-budget", "30%", "--no-report"]
     assert run(capsys, ["convert", str(root / "src"), "--out", str(a), *budget, *flags])[0] == 0
     assert run(capsys, ["convert", str(root / "src"), "--out", str(b), *budget, *flags])[0] == 0
+    reuse = root / "b4"
+    assert run(capsys, ["convert", str(root / "src"), "--out", str(reuse), *budget, *flags,
+                        "--sensitivity-from", str(a / "report.json")])[0] == 0
+    assert json.loads((reuse / "plan.json").read_text())["layers"] == json.loads((a / "plan.json").read_text())["layers"]
     plan = json.loads((a / "plan.json").read_text())
     assert plan == json.loads((b / "plan.json").read_text())
     report = json.loads((a / "report.json").read_text())

@@ -45,6 +45,8 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="output folder (refused if it holds files, unless --force)")
     p.add_argument("--kv-budget", type=budget_arg, help="per-layer search under this budget: '25%%' of the "
                    "source's bytes per token at --context, or absolute bytes per token ('20KiB')")
+    p.add_argument("--sensitivity-from", metavar="REPORT", help="reuse the measured candidates of an earlier "
+                   "--kv-budget run's report.json (same source, context and calibration flags)")
     p.add_argument("--context", type=token_count, default=4096, help="context the budget refers to (default 4096)")
     p.add_argument("--corpus", help="text for calibration (train split) and evaluation (test split); default stdlib")
     p.add_argument("--max-chars", type=positive_int, default=600_000, help="characters read per split")
@@ -79,6 +81,26 @@ def data_ids(args, tokenizer, split: str):
 
     corpus = load_corpus(args.corpus, max_chars=args.max_chars)
     return corpus, split_ids(corpus, split, tokenizer)
+
+
+def reuse_candidates(args, cfg) -> list:
+    """The candidates (bytes, measured error) of an earlier budget run, checked to match this one."""
+    from kvlab.config import read_config_file
+    from kvlab.convert.budget import Candidate
+
+    old = read_config_file(args.sensitivity_from)
+    budget = old.get("budget") or {}
+    same = (old.get("source") == str(args.source) and old.get("calibration_flags") == calibration_flags(args))
+    if not budget.get("candidates") or not same or len(budget["candidates"]) != cfg.n_layers:
+        raise KvlabError(f"--sensitivity-from: {args.sensitivity_from} is not a --kv-budget report of this "
+                         "source with the same context and calibration flags")
+    return [[Candidate(c["step"], c.get("bytes", round(c["bytes_per_token"] * args.context)), c["error"])
+             for c in layer] for layer in budget["candidates"]]
+
+
+def calibration_flags(args) -> dict:
+    return {"context": args.context, "corpus": args.corpus, "max_chars": args.max_chars, "seed": args.seed,
+            "calib_seqs": args.calib_seqs, "calib_len": args.calib_len, "chunk": args.chunk}
 
 
 def run(args) -> int:  # noqa: C901 (one linear pipeline)
@@ -128,8 +150,11 @@ def run(args) -> int:  # noqa: C901 (one linear pipeline)
         kind, value = args.kv_budget
         src_total = plan(cfg, context=args.context).total_bytes
         budget_total = int(value * src_total) if kind == "fraction" else int(value * args.context)
-        menus = [bud.default_menu(cfg, i, args.context) for i in range(cfg.n_layers)]
-        cands = bud.measure(source, stats, args.context, menus, chunk=args.chunk)
+        if args.sensitivity_from:
+            cands = reuse_candidates(args, cfg)
+        else:
+            menus = [bud.default_menu(cfg, i, args.context) for i in range(cfg.n_layers)]
+            cands = bud.measure(source, stats, args.context, menus, chunk=args.chunk)
         try:
             choice = bud.search(cands, budget_total)
         except bud.UnreachableBudget as exc:
@@ -141,7 +166,9 @@ def run(args) -> int:  # noqa: C901 (one linear pipeline)
         times["sensitivity_s"] = time.perf_counter() - t1
         budget_info = {"budget_bytes_per_token": budget_total / args.context, "budget_total_bytes": budget_total,
                        "source_total_bytes": src_total, "proxy_error": sum(cands[i][j].error for i, j in enumerate(choice)),
-                       "candidates": [[{"step": c.step, "bytes_per_token": c.bytes / args.context, "error": c.error}
+                       "sensitivity_from": args.sensitivity_from,
+                       "candidates": [[{"step": c.step, "bytes": c.bytes, "bytes_per_token": c.bytes / args.context,
+                                        "error": c.error}
                                        for c in layer] for layer in cands]}
     t2 = time.perf_counter()
     converted = convert(source, plan_steps, stats, args.seed, progress=True)
@@ -156,7 +183,7 @@ def run(args) -> int:  # noqa: C901 (one linear pipeline)
     (out / "plan.json").write_text(json.dumps(plan_file, indent=2) + "\n")
     report = {"source": str(args.source), "to": args.to or f"--kv-budget {args.kv_budget[1]}"
               f"{'' if args.kv_budget[0] == 'bytes' else ' (fraction)'}", "plan": layer_steps,
-              "seed": args.seed, "times": times, "machine": machine_info(), "budget": budget_info,
+              "seed": args.seed, "calibration_flags": calibration_flags(args), "times": times, "machine": machine_info(), "budget": budget_info,
               "data": {"calibration": calib_desc, "evaluation": "none"}}
     measured: dict = {}
     if not args.no_report:

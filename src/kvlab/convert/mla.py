@@ -25,7 +25,15 @@ import torch
 
 from kvlab.attention.mla import MLASpec
 from kvlab.config import RopeConfig
-from kvlab.convert._linalg import as_complex, pair_layout, put_complex, query_energy, rank1_merge, sym_sqrt, top_eigvecs
+from kvlab.convert._linalg import (
+    as_complex,
+    pair_layout,
+    put_complex,
+    query_energy,
+    rank1_merge,
+    sym_sqrt,
+    top_eigvecs,
+)
 from kvlab.convert.heads import check_plain_attention, qkvo
 from kvlab.convert.registry import ConvertEnv, LayerWork, register_target
 from kvlab.errors import ConfigError, UnsupportedError

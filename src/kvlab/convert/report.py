@@ -59,6 +59,13 @@ def markdown(report: dict) -> str:
         ok = all(c["equal"] for c in checks)
         lines += ["", "Live cache bytes equal `kvlab plan` at " + ", ".join(str(c["context"]) for c in checks)
                   + (": yes." if ok else ": **NO**.")]
+    budget = report.get("budget")
+    if budget:
+        lines += ["", f"Budget: {budget['budget_bytes_per_token']:.1f} bytes/token at {b['context']} "
+                  f"({100 * budget['budget_total_bytes'] / budget['source_total_bytes']:.1f}% of the source); summed "
+                  f"local error of the chosen plan {budget['proxy_error']:.4f}"
+                  + (f"; sensitivities reused from `{budget['sensitivity_from']}`" if budget.get("sensitivity_from")
+                     else "") + "."]
     data = report["data"]
     lines += ["", f"Calibration: {data['calibration']}.", f"Evaluation: {data['evaluation']}.", ""]
     lines += ["## Per-layer plan", "", "| layer | step | cache |", "|---|---|---|"]

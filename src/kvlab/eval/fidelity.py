@@ -58,8 +58,9 @@ def compare(source, converted, rows: torch.Tensor, chunk: int = 256, progress: b
     bar = tqdm(total=rows.numel() - rows.shape[0], desc="evaluate", unit="tok", disable=not progress)
     for row in rows:
         pairs = zip(chunked_log_probs(source, row, chunk), chunked_log_probs(converted, row, chunk))
-        start = 0
+        start, caches = 0, None
         for (ls, cache_s), (lc, cache_c) in pairs:
+            caches = (cache_s, cache_c)
             n = ls.shape[0]
             target = row[start + 1: start + 1 + n][:, None]
             nll["source"] -= float(ls.gather(1, target.to(ls.device)).sum())
@@ -68,7 +69,7 @@ def compare(source, converted, rows: torch.Tensor, chunk: int = 256, progress: b
             agree += int((ls.argmax(-1) == lc.argmax(-1)).sum())
             count, start = count + n, start + n
             bar.update(n)
-        cache_bytes = {"context": start, "source": int(cache_s.nbytes), "converted": int(cache_c.nbytes)}
+        cache_bytes = {"context": start, "source": int(caches[0].nbytes), "converted": int(caches[1].nbytes)}
     bar.close()
     return {"tokens": count, "rows": rows.shape[0], "seq_len": rows.shape[1] - 1, "chunk": chunk,
             "ppl_source": math.exp(nll["source"] / count), "ppl_converted": math.exp(nll["converted"] / count),
