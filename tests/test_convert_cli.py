@@ -79,3 +79,13 @@ def test_unreachable_budget_and_bad_spec_are_one_line(setup, capsys):
     assert code == 2 and "smallest reachable" in last and "Traceback" not in err
     code, _, err = run(capsys, ["convert", str(root / "src"), "--out", str(root / "v"), "--to", "mla:ranks=3", *flags])
     assert code == 2 and "unknown option" in err and err.count("\n") == 1
+
+
+def test_budget_over_a_given_menu_is_the_hybrid(setup, capsys):
+    root, flags = setup
+    out = root / "hybrid"
+    code, _, _ = run(capsys, ["convert", str(root / "src"), "--out", str(out), "--kv-budget", "75%", "--to",
+                              "keep|sliding:window=16,sinks=4", "--no-report", *flags])
+    assert code == 0
+    layers = json.loads((out / "plan.json").read_text())["layers"]
+    assert sorted(layers) == ["keep", "sliding:window=16"]  # one layer stays full: the more sensitive one

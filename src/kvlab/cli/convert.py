@@ -41,7 +41,9 @@ def add_parser(sub):
                        "(e.g. mqa, gqa-1:merge=mean, mla:rank=80,rope=16, sliding:window=1024,sinks=4, int8, "
                        "int4, share:every=2, block_sparse, deltanet, mqa+int8, or a plan.json).")
     p.add_argument("source", help="checkpoint folder or name kvlab.load accepts")
-    p.add_argument("--to", help="SPEC for every layer, or a per-layer plan file (default with --kv-budget: search)")
+    p.add_argument("--to", help="SPEC for every layer, or a per-layer plan file; with --kv-budget, optionally the "
+                   "candidates to choose from per layer, separated by '|' (e.g. 'keep|sliding:window=256,sinks=4': "
+                   "the hybrid), default: kvlab.convert.budget.default_menu")
     p.add_argument("--out", required=True, help="output folder (refused if it holds files, unless --force)")
     p.add_argument("--kv-budget", type=budget_arg, help="per-layer search under this budget: '25%%' of the "
                    "source's bytes per token at --context, or absolute bytes per token ('20KiB')")
@@ -100,7 +102,8 @@ def reuse_candidates(args, cfg) -> list:
 
 def calibration_flags(args) -> dict:
     return {"context": args.context, "corpus": args.corpus, "max_chars": args.max_chars, "seed": args.seed,
-            "calib_seqs": args.calib_seqs, "calib_len": args.calib_len, "chunk": args.chunk}
+            "calib_seqs": args.calib_seqs, "calib_len": args.calib_len, "chunk": args.chunk,
+            "menu": args.to if args.kv_budget else None}
 
 
 def run(args) -> int:  # noqa: C901 (one linear pipeline)
@@ -117,8 +120,11 @@ def run(args) -> int:  # noqa: C901 (one linear pipeline)
     from kvlab.planner import plan
     from kvlab.tokenizer import load_tokenizer
 
+    menu = None  # with --kv-budget, --to may list the candidates: "keep|sliding:window=256,sinks=4"
     if args.kv_budget and args.to not in (None, "auto"):
-        raise KvlabError("--to: with --kv-budget the per-layer choices are searched; omit --to (or use 'auto')")
+        menu = [part.strip() for part in args.to.split("|") if part.strip()]
+        for step in menu:
+            parse_layer_spec(step)
     if not args.kv_budget and not args.to:
         raise KvlabError("--to: required (a SPEC or a plan file), unless --kv-budget is given")
     out = Path(args.out)
@@ -153,7 +159,7 @@ def run(args) -> int:  # noqa: C901 (one linear pipeline)
         if args.sensitivity_from:
             cands = reuse_candidates(args, cfg)
         else:
-            menus = [bud.default_menu(cfg, i, args.context) for i in range(cfg.n_layers)]
+            menus = [list(menu) if menu else bud.default_menu(cfg, i, args.context) for i in range(cfg.n_layers)]
             cands = bud.measure(source, stats, args.context, menus, chunk=args.chunk)
         try:
             choice = bud.search(cands, budget_total)
