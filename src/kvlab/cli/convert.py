@@ -133,6 +133,9 @@ def run(args) -> int:  # noqa: C901 (one linear pipeline)
     source = kvlab.load(args.source).eval()
     cfg = source.config
     tokenizer = load_tokenizer(args.source, cfg.vocab_size)
+    if getattr(tokenizer, "inner", None) is None and cfg.vocab_size > 512:
+        raise KvlabError(f"{args.source}: no tokenizer.json found; a {cfg.vocab_size}-token model is not "
+                         "byte-level, so its text cannot be encoded")
     times: dict = {}
     t0 = time.perf_counter()
     plan_data: dict = {}
