@@ -1,0 +1,88 @@
+"""Conversion targets: ``name -> function``. Each file of this package that defines a target registers it
+with ``@register_target("name")``; the registry imports every file on first use (as ``kvlab.registry``
+does for attention techniques), so a new target is one new file.
+
+A target is a function ``(work: LayerWork, opts: dict, env: ConvertEnv) -> LayerWork``: it takes one
+layer's spec and attention weights (as converted so far by the earlier steps of that layer) and returns
+the new spec and weights. ``env`` carries the source model's config, the calibration statistics and the
+layers converted so far (cross-layer targets read their producers there).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from kvlab.config import LayerSpec, ModelConfig
+from kvlab.errors import ConfigError
+
+
+@dataclass
+class LayerWork:
+    """One layer being converted: its spec and its attention's state entries (names without the
+    ``layers.{i}.self_attn.`` prefix)."""
+
+    index: int
+    spec: LayerSpec
+    weights: dict[str, torch.Tensor]
+
+
+@dataclass
+class ConvertEnv:
+    """What a target may read besides its own layer."""
+
+    config: ModelConfig  # the source config
+    stats: list  # per-layer ``LayerStats`` (kvlab.convert.calibrate), or [] when not calibrated
+    done: list[LayerWork] = field(default_factory=list)  # layers already converted (0 .. i-1)
+    seed: int = 0
+
+
+@dataclass
+class Target:
+    name: str
+    fn: Callable[[LayerWork, dict, ConvertEnv], LayerWork]
+    options: dict  # option name -> default (also the accepted names, and their types)
+    needs_calibration: bool = False
+    doc: str = ""
+
+
+_TARGETS: dict[str, Target] = {}
+_loaded = False
+
+
+def register_target(name: str, options: dict | None = None, needs_calibration: bool = False):
+    """Function decorator registering conversion target ``name`` with its options and their defaults."""
+
+    def wrap(fn):
+        _TARGETS[name] = Target(name, fn, dict(options or {}), needs_calibration, (fn.__doc__ or "").strip())
+        return fn
+
+    return wrap
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import kvlab.convert as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"kvlab.convert.{info.name}")
+
+
+def get_target(name: str, where: str = "--to") -> Target:
+    _load_all()
+    if name not in _TARGETS:
+        raise ConfigError(f"{where}: unknown target {name!r} (known: {', '.join(sorted(_TARGETS))})")
+    return _TARGETS[name]
+
+
+def targets() -> dict[str, Target]:
+    _load_all()
+    return dict(_TARGETS)
