@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from kvlab.attention._common import get_rotary
+from kvlab.rope import Rotary
 
 
 def pair_layout(rope, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Channel indices of one head: real and imaginary parts of each rotated pair ``[P]``, ``[P]`` and the
     channels RoPE leaves alone ``[D - 2P]`` (partial RoPE)."""
-    rotary = get_rotary(rope, head_dim)
+    rotary = Rotary(rope, head_dim)
     pairs = rotary.rot_dim // 2
     if rotary.interleaved:
         re, im = torch.arange(0, 2 * pairs, 2), torch.arange(1, 2 * pairs, 2)
