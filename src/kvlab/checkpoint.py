@@ -41,16 +41,6 @@ def atomic_write(target: Path, write) -> None:
             os.unlink(tmp)
 
 
-def __getattr__(name: str):
-    """``kvlab.checkpoint.load`` still works; the loader lives in ``kvlab.loading`` (which imports this
-    module, so the name is looked up on first use instead of imported here)."""
-    if name == "load":
-        from kvlab.loading import load
-
-        return load
-    raise AttributeError(f"module 'kvlab.checkpoint' has no attribute {name!r}")
-
-
 def read_safetensors_file(file: Path) -> dict[str, torch.Tensor]:
     """All tensors of one safetensors file; a truncated or corrupt file is a one-line ``KvlabError``."""
     try:

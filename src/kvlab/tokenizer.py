@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 
 class ByteTokenizer:
     """UTF-8 bytes as token ids 0..255."""
@@ -117,6 +119,26 @@ class StreamDecoder:
         delta = text[len(self.text):] if text.startswith(self.text) else text
         self.text = text
         return delta
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 bytes of text each token id stands for (bits/byte needs them). Byte-level BPE tokens are
+    spelled one character per byte, so a token that is half of a character still counts its bytes."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return np.ones(256, dtype=np.int64)
+    from kvlab.hf.gguf_tokenizer import byte_spelling
+
+    inner = tokenizer.inner
+    alphabet = set(byte_spelling().values())
+    byte_level = type(inner.decoder).__name__ == "ByteLevel"
+    special = {t.content for t in inner.get_added_tokens_decoder().values() if t.special}
+    lengths = np.zeros(inner.get_vocab_size(), dtype=np.int64)
+    for token, index in inner.get_vocab().items():
+        if byte_level and set(token) <= alphabet and token not in special:
+            lengths[index] = len(token)
+        else:
+            lengths[index] = len(inner.decode([index], skip_special_tokens=False).encode("utf-8"))
+    return lengths
 
 
 def load_tokenizer(source: str | Path, vocab_size: int | None = None):
