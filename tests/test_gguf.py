@@ -154,3 +154,16 @@ def test_plan_reads_a_gguf_without_its_weights(llama, tmp_path):
     write_gguf(llama, tmp_path / "m.gguf", Q.Q8_0)
     plan = kvlab.plan(str(tmp_path / "m.gguf"), context=100)
     assert plan.total_bytes == 2 * 2 * 2 * 16 * 100 * 4  # layers * (K, V) * kv heads * head_dim * tokens * fp32
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.BF16])
+def test_block_quantized_gguf_equals_gguf_dequantization(llama, tmp_path, qtype):
+    """Any type the gguf package can write: kvlab's weights are exactly its dequantization of the file
+    (blocks run along rows, so the row permutation commutes with quantization)."""
+    write_gguf(llama, tmp_path / "q.gguf", qtype)
+    loaded = kvlab.load(tmp_path / "q.gguf").state_dict()
+    for name, tensor in llama.state_dict().items():
+        if tensor.dim() == 2:
+            w = tensor.numpy()
+            expected = gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype).reshape(w.shape)
+            torch.testing.assert_close(loaded[name], torch.from_numpy(expected), rtol=0, atol=0, msg=name)

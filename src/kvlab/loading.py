@@ -189,7 +189,8 @@ def read_gguf_checkpoint(path: Path, dtype: str | None) -> tuple[ModelConfig, di
         if values.dtype.kind != "f":
             raise UnsupportedError(f"{path}: tensor {tensor.name} has GGML type {tensor.tensor_type.name}, "
                                    "not a floating-point type")
-        values = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shapes[tensor.name]))
+        values = values if values.flags.writeable else values.copy()  # F32 data is a view of the file
+        values = torch.from_numpy(values.astype(np.float32, copy=False).reshape(shapes[tensor.name]))
         name, value = convert_tensor(tensor.name, values, meta, str(path))
         state[name] = value.to(target)
     return config, state

@@ -143,19 +143,22 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
 
 def load_tokenizer(source: str | Path, vocab_size: int | None = None):
     """The tokenizer of a checkpoint: a GGUF file's (or named model's) own, a folder's ``tokenizer.json``
-    if present, else byte-level (needs vocab >= 256)."""
+    if present, else byte-level (needs vocab >= 256; e.g. a GGUF written without tokenizer metadata)."""
     from kvlab.loading import gguf_source
 
     gguf = gguf_source(source)
-    if gguf is not None:
-        return gguf_tokenizer(gguf)
     path = Path(source) / "tokenizer.json"
-    if path.exists():
+    if gguf is not None:
+        from kvlab.loading import read_gguf_metadata
+
+        if "tokenizer.ggml.tokens" in read_gguf_metadata(gguf)[0]:
+            return gguf_tokenizer(gguf)
+    elif path.exists():
         return JsonTokenizer(path)
     if vocab_size is not None and vocab_size < 256:
         from kvlab.errors import KvlabError
 
-        raise KvlabError(f"{source}: no tokenizer.json and vocab {vocab_size} < 256; use --ids")
+        raise KvlabError(f"{source}: no tokenizer and vocab {vocab_size} < 256; use --ids")
     return ByteTokenizer()
 
 
