@@ -57,6 +57,7 @@ def install_state(model: Model, state: dict[str, torch.Tensor], where: str, assi
     model.load_state_dict(state, assign=assign)
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
+        model.decode_layout_()  # the tied tensor is the LM head too: give it the decode layout again
 
 
 def check_dtypes(model: Model, state: dict[str, torch.Tensor], where: str) -> None:
