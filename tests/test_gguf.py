@@ -46,8 +46,10 @@ def gguf_name(name: str) -> str:
             "lm_head.weight": "output.weight"}[name]
 
 
-def write_gguf(model: kvlab.Model, path, qtype, arch: str = "llama", override: dict | None = None) -> None:
-    """``model`` as a GGUF file: 2-D weights in ``qtype`` (``override``: name -> array written as is)."""
+def write_gguf(model: kvlab.Model, path, qtype, arch: str = "llama", override: dict | None = None,
+               extra: list | None = None) -> None:
+    """``model`` as a GGUF file: 2-D weights in ``qtype`` (``override``: name -> array written as is;
+    ``extra``: more ``(writer method, value)`` metadata calls)."""
     cfg, spec = model.config, model.config.layer(0)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(cfg.n_layers)
@@ -60,6 +62,8 @@ def write_gguf(model: kvlab.Model, path, qtype, arch: str = "llama", override: d
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_rope_dimension_count(spec.head_dim)
     writer.add_vocab_size(cfg.vocab_size)
+    for method, value in extra or ():
+        getattr(writer, method)(value)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue
@@ -167,3 +171,52 @@ def test_block_quantized_gguf_equals_gguf_dequantization(llama, tmp_path, qtype)
             w = tensor.numpy()
             expected = gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype).reshape(w.shape)
             torch.testing.assert_close(loaded[name], torch.from_numpy(expected), rtol=0, atol=0, msg=name)
+
+
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_tokenizer_gguf(path) -> None:
+    """A tiny model with a byte-level BPE in its metadata: 256 byte tokens, 2 merges, 3 control tokens."""
+    from kvlab.hf.gguf_tokenizer import byte_spelling
+
+    tokens = [byte_spelling()[b] for b in range(256)] + ["hi", "Ġhi", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    calls = [("add_tokenizer_model", "gpt2"), ("add_tokenizer_pre", "smollm"), ("add_token_list", tokens),
+             ("add_token_types", [1] * 258 + [3] * 3), ("add_token_merges", ["h i", "Ġ hi"]),
+             ("add_bos_token_id", 259), ("add_eos_token_id", 260), ("add_chat_template", CHAT)]
+    write_gguf(source_model(vocab_size=len(tokens)), path, Q.F16, extra=calls)
+
+
+def test_gguf_tokenizer_chat_template_and_generate_chat(tmp_path, capsys):
+    import transformers
+
+    from kvlab.cli import main
+    from kvlab.tokenizer import load_tokenizer
+
+    write_tokenizer_gguf(tmp_path / "tok.gguf")
+    tok = load_tokenizer(tmp_path / "tok.gguf")
+    assert tok.encode("hi hi") == [256, 257] and tok.encode("<|im_start|>hi 7") == [259, 256, 32, 55]
+    assert tok.decode([259, 256, 257, 260]) == "hi hi" and tok.stop_ids == [258, 260]
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == \
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert main(["generate", str(tmp_path / "tok.gguf"), "--chat", "--prompt", "hi", "--max-new-tokens", "3"]) == 0
+    assert "prefill 20 tokens" in capsys.readouterr().err
+    # the same tokenizer saved as an HF folder: tokenizer.json + chat template + eos come back
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.inner, eos_token="<|im_end|>")
+    hf.chat_template = CHAT
+    hf.save_pretrained(tmp_path / "hf")
+    again = load_tokenizer(tmp_path / "hf")
+    assert again.encode("<|im_start|>hi hi") == [259, 256, 257] and again.stop_ids == [260]
+    assert again.apply_chat_template([{"role": "user", "content": "hi"}]) == tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}])
+
+
+def test_stream_decoder_prints_whole_characters():
+    from kvlab.tokenizer import ByteTokenizer, StreamDecoder
+
+    text = "é🦙 x"
+    decoder = StreamDecoder(ByteTokenizer())
+    deltas = [decoder.push(b) for b in text.encode()]
+    assert "".join(deltas) == text and all("\ufffd" not in d for d in deltas)
+    assert deltas[:2] == ["", "é"]

@@ -90,6 +90,8 @@ def hf_tokenizer_config(path: Path) -> dict:
         out[key] = value.get("content") if isinstance(value, dict) else value
     if isinstance(data.get("chat_template"), str):
         out["chat_template"] = data["chat_template"]
+    elif (path.parent / "chat_template.jinja").is_file():  # where transformers 5 saves it
+        out["chat_template"] = (path.parent / "chat_template.jinja").read_text()
     return out
 
 

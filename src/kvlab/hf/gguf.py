@@ -17,9 +17,9 @@ import torch
 from kvlab.config import ModelConfig
 from kvlab.errors import ConfigError, UnsupportedError
 
-# GGUF architecture -> (HF model_type, Q/K rows permuted by the converter)
-ARCHITECTURES = {"llama": ("llama", True), "mistral": ("mistral", True), "qwen2": ("qwen2", False),
-                 "qwen3": ("qwen3", False)}
+# GGUF architecture -> (HF model_type, Q/K rows permuted by the converter). Mistral 7B-style models are
+# written as "llama" by llama.cpp's converter.
+ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
 GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
 LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
