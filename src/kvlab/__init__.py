@@ -19,7 +19,7 @@ def __getattr__(name: str):  # lazy imports keep `import kvlab` light (torch loa
 
         return Cache
     if name == "load":
-        from kvlab.checkpoint import load
+        from kvlab.loading import load
 
         return load
     if name == "plan":

@@ -1,5 +1,5 @@
-"""Saving and loading kvlab checkpoints (a folder: config.json + model.safetensors), and the
-``kvlab.load`` entry point, which also accepts Hugging Face checkpoint folders."""
+"""kvlab checkpoints on disk (a folder: config.json + model.safetensors): saving, atomic writes, and
+the file-level readers and checks ``kvlab.loading`` (the loader behind ``kvlab.load``) builds on."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from kvlab.config import ModelConfig, read_config_file
 from kvlab.errors import KvlabError
 
 WEIGHTS = "model.safetensors"
@@ -40,42 +39,6 @@ def atomic_write(target: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def load(path: str | Path, dtype: str | None = None):
-    """A model from a kvlab or Hugging Face checkpoint folder."""
-    path = Path(path)
-    if not path.exists():
-        raise KvlabError(f"{path}: no such checkpoint folder")
-    data = read_config_file(path)
-    if "kvlab_version" in data:
-        return _load_kvlab(path, data, dtype)
-    from kvlab.hf import load_hf
-
-    return load_hf(path, data, dtype=dtype)
-
-
-def _load_kvlab(path: Path, data: dict, dtype: str | None):
-    from kvlab.model import Model
-
-    if dtype:
-        data = {**data, "dtype": dtype}
-    config = ModelConfig.from_dict(data)
-    weights = path / WEIGHTS
-    if not weights.exists():
-        raise KvlabError(f"{path}: config.json found but no {WEIGHTS}")
-    with torch.device("meta"):
-        model = Model(config)
-    state = read_safetensors_file(weights)
-    if config.tie_embeddings and "embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    check_state(model, state, str(weights))
-    model.load_state_dict(state, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    from kvlab.model import TORCH_DTYPES
-
-    return model.to(TORCH_DTYPES[config.dtype])
 
 
 def read_safetensors_file(file: Path) -> dict[str, torch.Tensor]:

@@ -28,12 +28,17 @@ def load_preset(name: str) -> dict:
 
 
 def resolve_config(source: ModelConfig | dict | str | Path) -> ModelConfig:
-    """A ModelConfig from a config object, a dict, a preset name or a file / folder path."""
+    """A ModelConfig from a config object, a dict, a preset name, a named model or a file / folder path
+    (a GGUF file: its metadata only, the weights stay unread)."""
     if isinstance(source, ModelConfig):
         return source
     where = "config"
     if isinstance(source, (str, Path)):
         where = str(source)
+        from kvlab.loading import gguf_source, read_gguf_config
+
+        if (gguf_file := gguf_source(source)) is not None:
+            return read_gguf_config(gguf_file)
         if isinstance(source, str) and not Path(source).exists() and source in preset_names():
             data = load_preset(source)
         else:

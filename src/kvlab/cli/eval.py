@@ -1,5 +1,6 @@
 """``kvlab eval``: perplexity on held-out text (overall and by position), recall accuracy by length,
-measured KV bytes and prefill / decode speed at several contexts, for a checkpoint folder."""
+measured KV bytes and prefill / decode speed at several contexts, for a checkpoint folder, a GGUF file
+or a named model (``kvlab eval smollm2-135m``: perplexity in nats/token and bits/byte)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def add_parser(sub):
                        description="Evaluate a kvlab (or HF) checkpoint folder: held-out perplexity and "
                        "perplexity by position bucket, recall accuracy by length, measured cache bytes and "
                        "prefill seconds / decode tokens/s at several contexts.")
-    p.add_argument("checkpoint", help="checkpoint folder (e.g. RUN_DIR/checkpoint)")
+    p.add_argument("checkpoint", help="checkpoint folder (e.g. RUN_DIR/checkpoint), GGUF file or named model")
     p.add_argument("--corpus", help="held-out text: file, folder or JSONL (default: the stdlib test split)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="corpus split (default test)")
     p.add_argument("--max-chars", type=int, default=2_000_000, help="characters of the split to read")
@@ -39,8 +40,9 @@ def add_parser(sub):
 def run(args) -> int:
     import torch
 
-    from kvlab.checkpoint import atomic_write, load
+    from kvlab.checkpoint import atomic_write
     from kvlab.eval import evaluate as ev
+    from kvlab.loading import load
 
     if args.out:
         check_new_file(args.out, args.force)
@@ -49,11 +51,12 @@ def run(args) -> int:
     result: dict = {"checkpoint": str(args.checkpoint), "params": model.num_parameters()}
     if not args.no_ppl:
         from kvlab.data.corpus import encode_texts, load_corpus
-        from kvlab.tokenizer import load_tokenizer
+        from kvlab.tokenizer import load_tokenizer, token_byte_lengths
 
         tok = load_tokenizer(args.checkpoint, model.config.vocab_size)
         texts = load_corpus(args.corpus, max_chars=args.max_chars).texts(args.split)
-        result["perplexity"] = ev.perplexity(model, encode_texts(texts, tok), args.seq, args.windows)
+        result["perplexity"] = ev.perplexity(model, encode_texts(texts, tok), args.seq, args.windows,
+                                             token_bytes=token_byte_lengths(tok))
     if args.recall_lengths:
         from kvlab.data.recall import RecallTask
 

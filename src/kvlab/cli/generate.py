@@ -1,4 +1,6 @@
-"""``kvlab generate``: sample from a kvlab or Hugging Face checkpoint."""
+"""``kvlab generate``: sample from a kvlab or Hugging Face checkpoint, a GGUF file or a named model;
+``--chat`` wraps the prompt in the model's chat template. One prompt streams to the terminal as it
+is generated; generation stops at the tokenizer's stop tokens (eos, end of turn) and any ``--stop``."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import sys
 
 def add_parser(sub):
     p = sub.add_parser("generate", help="generate text from a checkpoint")
-    p.add_argument("checkpoint", help="kvlab or Hugging Face checkpoint folder")
+    p.add_argument("checkpoint", help="kvlab or Hugging Face checkpoint folder, GGUF file or named model "
+                   "(kvlab models)")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--ids", action="append", help="prompt as comma-separated token ids (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -16,13 +19,15 @@ def add_parser(sub):
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", type=int, action="append", default=[], help="stop token id (repeatable)")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template to each --prompt")
+    p.add_argument("--system", help="system message for --chat (default: the template's own)")
     return p
 
 
 def run(args) -> int:
     import kvlab
     from kvlab.errors import KvlabError
-    from kvlab.tokenizer import load_tokenizer
+    from kvlab.tokenizer import StreamDecoder, load_tokenizer
 
     model = kvlab.load(args.checkpoint).eval()
     tokenizer = load_tokenizer(args.checkpoint, model.config.vocab_size)
@@ -31,6 +36,12 @@ def run(args) -> int:
             prompts = [[int(t) for t in ids.split(",")] for ids in args.ids]
         except ValueError:
             raise KvlabError("--ids: expected comma-separated integers") from None
+    elif args.prompt and args.chat:
+        if not hasattr(tokenizer, "apply_chat_template"):
+            raise KvlabError("--chat: this checkpoint has no chat template (byte-level tokenizer)")
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompts = [tokenizer.encode(tokenizer.apply_chat_template(system + [{"role": "user", "content": p}]))
+                   for p in args.prompt]
     elif args.prompt:
         prompts = [tokenizer.encode(p) for p in args.prompt]
     else:
@@ -40,18 +51,21 @@ def run(args) -> int:
             raise KvlabError(f"prompt token ids must be in [0, {model.config.vocab_size})")
     stream = None
     if len(prompts) == 1:
+        decoder = StreamDecoder(tokenizer)
+
         def stream(tokens):
             if tokens[0] is not None:
-                sys.stdout.write(tokenizer.decode([tokens[0]]))
+                sys.stdout.write(decoder.push(tokens[0]))
                 sys.stdout.flush()
+    stops = sorted(set(args.stop) | set(getattr(tokenizer, "stop_ids", ())))
     result = model.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=args.stop,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stops,
                             stream=stream)
     if stream is None:
         for prompt, new in zip(prompts, result.tokens):
-            print(repr(tokenizer.decode(prompt) + tokenizer.decode(new)))
+            print(repr(tokenizer.decode(new) if args.chat else tokenizer.decode(prompt) + tokenizer.decode(new)))
     else:
-        print()
+        print(flush=True)
     s = result.stats
     print(f"[prefill {s.prompt_tokens} tokens in {s.prefill_seconds:.3f}s, decode {s.decode_tokens_per_s:.1f} "
           f"tok/s, peak cache {s.peak_cache_bytes:,} B]", file=sys.stderr)

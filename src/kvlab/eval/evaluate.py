@@ -12,9 +12,12 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def perplexity(model, ids: np.ndarray, seq_len: int, max_windows: int = 16, buckets: int = 4) -> dict:
+def perplexity(model, ids: np.ndarray, seq_len: int, max_windows: int = 16, buckets: int = 4,
+               token_bytes: np.ndarray | None = None) -> dict:
     """Mean next-token loss (nats and bits/token) over up to ``max_windows`` evenly spaced windows of
-    ``ids``, plus the loss per position bucket (does the model use far context?)."""
+    ``ids``, plus the loss per position bucket (does the model use far context?) and the forward speed.
+    ``token_bytes`` (text bytes of each token id) adds bits/byte: total bits over the bytes of the
+    predicted tokens, comparable across tokenizers."""
     from kvlab.errors import KvlabError
 
     if len(ids) < seq_len + 1:
@@ -23,17 +26,26 @@ def perplexity(model, ids: np.ndarray, seq_len: int, max_windows: int = 16, buck
     rows = torch.as_tensor(np.stack([ids[s:s + seq_len + 1] for s in starts]).astype(np.int64))  # [N, S+1]
     model.eval()
     losses = []
-    for chunk in rows.split(8):
+    per_chunk = max(1, min(8, 2**25 // (seq_len * model.config.vocab_size)))  # logits chunk <= 128 MiB fp32
+    t0 = time.perf_counter()
+    for chunk in rows.split(per_chunk):
         logits = model(chunk[:, :-1].to(model.device)).float()  # [n, S, V]
         losses.append(F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:].to(model.device),
                                       reduction="none").cpu())  # [n, S]
+    seconds = time.perf_counter() - t0
     loss = torch.cat(losses)  # [N, S]
     edges = np.linspace(0, seq_len, buckets + 1).astype(int)
     by_bucket = [{"positions": f"{a}-{b - 1}", "loss": float(loss[:, a:b].mean())}
                  for a, b in zip(edges[:-1], edges[1:]) if b > a]
     mean = float(loss.mean())
-    return {"loss": mean, "bits_per_token": mean / math.log(2), "ppl": math.exp(mean),
-            "windows": len(starts), "seq_len": seq_len, "by_position": by_bucket}
+    out = {"loss": mean, "bits_per_token": mean / math.log(2), "ppl": math.exp(mean),
+           "windows": len(starts), "seq_len": seq_len, "tokens": int(loss.numel()),
+           "tokens_per_s": loss.numel() / seconds if seconds > 0 else float("nan"), "by_position": by_bucket}
+    if token_bytes is not None:
+        n_bytes = int(np.asarray(token_bytes)[rows[:, 1:].numpy()].sum())
+        out["bytes"] = n_bytes
+        out["bits_per_byte"] = float(loss.sum()) / math.log(2) / n_bytes if n_bytes else float("nan")
+    return out
 
 
 @torch.no_grad()
@@ -106,7 +118,10 @@ def format_report(result: dict) -> str:
     lines = []
     if "perplexity" in result:
         p = result["perplexity"]
-        lines.append(f"held-out loss {p['loss']:.4f} nats ({p['bits_per_token']:.3f} bits/token, ppl {p['ppl']:.2f})")
+        per_byte = f", {p['bits_per_byte']:.4f} bits/byte" if "bits_per_byte" in p else ""
+        lines.append(f"held-out loss {p['loss']:.4f} nats/token ({p['bits_per_token']:.3f} bits/token{per_byte}, "
+                     f"ppl {p['ppl']:.2f}) over {p['windows']} x {p['seq_len']} tokens, "
+                     f"{p['tokens_per_s']:.0f} tokens/s")
         lines += [f"  positions {b['positions']:>10}: loss {b['loss']:.4f}" for b in p["by_position"]]
     if "recall" in result:
         lines += [f"recall @ {n}: {acc:.3f}" for n, acc in result["recall"].items()]

@@ -1,17 +1,16 @@
 """Hugging Face interop: one file per model family (``hf/<family>.py``), each registering
 ``model_type`` names with ``@register_family``. A family turns an HF ``config.json`` dict into a kvlab
 ``ModelConfig`` (used by both the loader and the planner) and, when kvlab can run it, maps the
-checkpoint's tensor names onto kvlab's.
+checkpoint's tensor names onto kvlab's. Families are pure mappings: reading files and building the
+model is ``kvlab.loading``'s job.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -104,44 +103,3 @@ def hf_rope(hf: dict):
 
 def hf_dtype(hf: dict) -> str:
     return "float32"  # kvlab computes in fp32 on CPU; pass dtype= to load in another
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from kvlab.checkpoint import read_safetensors_file
-
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [f.name for f in sorted(path.glob("*.safetensors"))]
-    if not files:
-        raise KvlabError(f"{path}: no .safetensors weights found")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(read_safetensors_file(path / name))
-    return state
-
-
-def load_hf(path: str | Path, hf: dict, dtype: str | None = None):
-    """A kvlab ``Model`` holding the weights of the HF checkpoint folder ``path``."""
-    from kvlab.checkpoint import check_state
-    from kvlab.model import TORCH_DTYPES, Model
-
-    path = Path(path)
-    family = get_family(hf, str(path / "config.json"))
-    config = config_from_hf(hf, str(path / "config.json"))
-    if dtype:
-        config.dtype = dtype
-        config.validate()
-    if family.convert_state is None:
-        raise UnsupportedError(f"{path}: model family '{hf['model_type']}' can be planned but not loaded yet")
-    state = family.convert_state(read_safetensors(path), config)
-    with torch.device("meta"):
-        model = Model(config)
-    if config.tie_embeddings and "embed_tokens.weight" in state:
-        state.setdefault("lm_head.weight", state["embed_tokens.weight"])
-    check_state(model, state, str(path))
-    model.load_state_dict(state, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    return model.to(TORCH_DTYPES[config.dtype])

@@ -359,17 +359,15 @@ class Trainer:
                 "train_config": dataclasses.asdict(self.cfg)}
 
     def _load_state(self) -> None:
-        from kvlab.checkpoint import check_state, read_safetensors_file
+        from kvlab.checkpoint import read_safetensors_file
+        from kvlab.loading import install_state
 
         folder = self.out / CHECKPOINT
         if not (folder / STATE).exists():  # crashed between the two renames of save()
             folder = self.out / ".checkpoint.old"
         state = torch.load(folder / STATE, map_location="cpu", weights_only=False)
-        weights = read_safetensors_file(folder / "model.safetensors")
-        if self.model.config.tie_embeddings:
-            weights["lm_head.weight"] = weights["embed_tokens.weight"]
-        check_state(self.model, weights, str(folder))
-        self.model.load_state_dict(weights)  # copies in place: parameter layouts stay as built
+        # copies in place: parameter layouts (and the optimizer's references) stay as built
+        install_state(self.model, read_safetensors_file(folder / "model.safetensors"), str(folder))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_data.load_state_dict(state["data"])
