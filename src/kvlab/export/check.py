@@ -159,8 +159,9 @@ def check_vllm(folders: list[Path], refs: list[list[dict]], tie: float = 1e-3) -
     return out
 
 
-def print_record(record: dict, file=sys.stdout) -> None:
+def print_record(record: dict, file=None) -> None:
     """One line per check."""
+    file = file or sys.stdout
     if "skipped" in record or "error" in record:
         print(f"  {record['engine']}: {record.get('skipped') or record.get('error')}", file=file)
         return

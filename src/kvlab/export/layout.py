@@ -71,9 +71,11 @@ def classify(config: ModelConfig) -> Layout:
     types = sorted({s.type for s in specs})
     if types == ["mla"]:
         return _mla_layout(config, specs)
-    if not set(types) <= {"full", "sliding"}:
-        other = next(t for t in types if t not in ("full", "sliding", "mla"))
-        raise refuse(config, f"'{other}' attention layers", f"'{other}' attention")
+    other = [t for t in types if t not in ("full", "sliding", "mla")]
+    if other:
+        raise refuse(config, f"'{other[0]}' attention layers", f"'{other[0]}' attention")
+    if "mla" in types:
+        raise refuse(config, "'mla' layers mixed with full/sliding ones", "per-layer choice between MLA and GQA")
     first = specs[0]
     for i, spec in enumerate(specs):
         _layer_features(config, i, spec)

@@ -26,7 +26,8 @@ def run_one(run: dict) -> dict:
 
 def main() -> None:
     for name, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-                        "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}.items():
+                        "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+                        "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}.items():
         os.environ.setdefault(name, value)
     request = json.loads(sys.stdin.read())
     answers = []
