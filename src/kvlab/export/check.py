@@ -120,12 +120,14 @@ def run_engine(engine: str, runs: list[dict], timeout: float = 900) -> list[dict
 
 
 def check_llamacpp(files: list[Path], refs: list[dict], tie: float | None = None) -> list[dict]:
-    """llama.cpp (llama-cpp-python) on GGUF files, one driver process for all of them."""
+    """llama.cpp (llama-cpp-python) on GGUF files, one driver process for all of them. An F32 file runs
+    with an F32 KV cache (llama.cpp's default F16 cache alone costs ~5e-4 in the logits); others keep F16."""
     import numpy as np
 
     with tempfile.TemporaryDirectory() as tmp:
         runs = [{"model": str(f), "prompt": r["prompt"], "n_new": len(r["tokens"]), "teacher": r["teacher"],
-                 "logits_out": str(Path(tmp) / f"{i}.npy")} for i, (f, r) in enumerate(zip(files, refs))]
+                 "logits_out": str(Path(tmp) / f"{i}.npy"),
+                 "kv_type": "f32" if f.name.endswith("-f32.gguf") else "f16"} for i, (f, r) in enumerate(zip(files, refs))]
         try:
             answers = run_engine("llamacpp", runs)
         except (FileNotFoundError, RuntimeError, subprocess.TimeoutExpired) as exc:

@@ -1,5 +1,5 @@
 """llama.cpp (through llama-cpp-python) on GGUF files. Request: ``{"runs": [{"model": PATH, "prompt": [ids],
-"n_new": N, "teacher": [ids], "logits_out": PATH.npy}]}``. Per run: greedy ``tokens`` decoded through
+"n_new": N, "teacher": [ids], "logits_out": PATH.npy, "kv_type": "f32"|"f16"}]}``. Per run: greedy ``tokens`` decoded through
 llama.cpp's own KV cache, and (if ``teacher``) the logits of every position of ``teacher`` saved to
 ``logits_out`` as float32 ``[len(teacher), vocab]``."""
 
@@ -12,8 +12,9 @@ def run_one(run: dict) -> dict:
     from llama_cpp import Llama
 
     need = max(len(run["prompt"]) + run["n_new"], len(run.get("teacher") or [])) + 8
+    kv_type = {"f32": 0, "f16": 1}[run.get("kv_type", "f16")]  # ggml type of llama.cpp's KV cache
     llm = Llama(model_path=run["model"], n_ctx=need, n_batch=need, n_threads=run.get("threads", 1),
-                logits_all=True, verbose=False, seed=0)
+                logits_all=True, verbose=False, seed=0, type_k=kv_type, type_v=kv_type)
     llm.reset()
     llm.eval(run["prompt"])
     tokens = []
