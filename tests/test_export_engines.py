@@ -53,9 +53,10 @@ def to_mla(mqa, d_nope: int = 16):
     config["rope"] = {**config["rope"], "interleaved": True}
     config["layers"] = [{"type": "mla", "n_heads": heads, "kv_lora_rank": width, "qk_rope_head_dim": d,
                          "qk_nope_head_dim": d_nope, "v_head_dim": d}] * cfg.n_layers
-    state = {k: v for k, v in mqa.state_dict().items() if ".self_attn." not in k}
+    source = mqa.state_dict()
+    state = {k: v for k, v in source.items() if ".self_attn." not in k}
     for i in range(cfg.n_layers):
-        get = lambda name: mqa.state_dict()[f"layers.{i}.{name}"]  # noqa: E731
+        get = lambda name, i=i: source[f"layers.{i}.{name}"]  # noqa: E731
         norm = get("input_layernorm.weight")
         q = permute_rows(get("self_attn.q_proj.weight"), heads).view(heads, d, width) * ((d_nope + d) / d) ** 0.5
         q_proj = torch.cat([torch.zeros(heads, d_nope, width), q], dim=1)  # [H, d_nope + d_R, width]
@@ -103,11 +104,10 @@ def hf_exports(smollm2, tmp_path_factory):
     folder, variants = smollm2
     root = tmp_path_factory.mktemp("exports")
     reports = {}
-    for name, model in variants.items():  # the tokenizer comes from the source folder
-        reports[name] = export(model, "hf", root / name, n_new=N_NEW, log=lambda *a: None)
+    for name, model in variants.items():
+        reports[name] = export(model, "hf", root / name, n_new=N_NEW, log=lambda *a: None, tokenizer_from=folder)
         reports[name]["path"] = root / name
-        for file in ("tokenizer.json", "tokenizer_config.json"):  # an in-memory model: copy by hand
-            (root / name / file).write_bytes((folder / file).read_bytes())
+        assert (root / name / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
     return reports
 
 
@@ -158,12 +158,14 @@ def test_llamacpp_greedy_matches_kvlab(smollm2, prompt, tmp_path, unused):
     cases = (("gqa", "f32"), ("gqa", "f16"), ("gqa", "q8_0"), ("mqa", "f32"))
     for name, qtype in cases:
         out = tmp_path / f"{name}-{qtype}"
-        report = export(variants[name], "gguf", out, gguf_type=qtype, check=False)
+        report = export(variants[name], "gguf", out, gguf_type=qtype, check=False, tokenizer_from=folder)
+        assert report["tokenizer"] == "tokenizer.json (gpt2 BPE)"
         files.append(out / report["file"])
         refs.append(check.kvlab_reference(variants[name], prompt, N_NEW))
-    records = check.check_llamacpp(files, refs)
+    records = check.check_llamacpp(files, refs, tokenizer=folder)
     for (name, qtype), record in zip(cases, records):
         print(name, qtype, record.get("max_abs_logit_diff"), record.get("greedy"))
+        assert record["tokenizer_equal"], record  # the GGUF's tokenizer metadata encodes as tokenizer.json
         if qtype == "f32":  # exact up to fp32 rounding (llama.cpp runs an F32 KV cache for F32 files)
             assert record["greedy"] == "equal" and record["max_abs_logit_diff"] < 1e-3, record
         else:  # rounded weights: equal, or a first difference at a near-tie of kvlab's own logits

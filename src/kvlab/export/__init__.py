@@ -20,10 +20,11 @@ def source_folder(ckpt) -> Path | None:
 
 
 def export(ckpt, fmt: str, out: str | Path, force: bool = False, gguf_type: str = "f32", check: bool = True,
-           n_new: int = 16, vllm: bool = False, log=print) -> dict:
+           n_new: int = 16, vllm: bool = False, log=print, tokenizer_from: str | Path | None = None) -> dict:
     """Export ``ckpt`` (a checkpoint folder or a kvlab ``Model``) to ``out``; returns the check report,
-    also saved as ``out/export_check.json``. The folder is prepared only after the model is known to be
-    exportable, so a refusal leaves nothing behind."""
+    also saved as ``out/export_check.json``. The tokenizer comes from the checkpoint folder (or
+    ``tokenizer_from``). The folder is prepared only after the model is known to be exportable, so a
+    refusal leaves nothing behind."""
     from kvlab.errors import KvlabError
     from kvlab.export.layout import classify
     from kvlab.export.outdir import OutputFolder
@@ -32,7 +33,7 @@ def export(ckpt, fmt: str, out: str | Path, force: bool = False, gguf_type: str 
         raise KvlabError(f"--format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
     model = _load(ckpt)
     layout = classify(model.config)
-    source = source_folder(ckpt)
+    source = Path(tokenizer_from) if tokenizer_from is not None else source_folder(ckpt)
     if fmt == "gguf":
         from kvlab.export.gguf import GGUF_TYPES, ensure_writable
 
@@ -67,7 +68,8 @@ def run_checks(model, fmt: str, path: Path, report: dict, source: Path | None, n
 
     ref = check.kvlab_reference(model, check.check_prompt(model, source), n_new)
     if fmt == "gguf":
-        return check.check_llamacpp([path / report["file"]], [ref])
+        has_tokenizer = source is not None and (source / "tokenizer.json").is_file()
+        return check.check_llamacpp([path / report["file"]], [ref], tokenizer=source if has_tokenizer else None)
     records = [check.check_transformers(model, path, ref)]
     if vllm:
         records += check.check_vllm([path], [[ref]])[0]

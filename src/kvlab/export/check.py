@@ -20,6 +20,7 @@ import torch
 
 ENGINE_VENVS = {"llamacpp": ".venv-llamacpp", "vllm": ".venv-vllm"}
 ENGINES_DIR = Path(__file__).with_name("engines")
+CHECK_TEXT = "The quick brown fox jumps over the lazy dog. Then"
 
 
 def engine_python(engine: str) -> Path | None:
@@ -40,7 +41,7 @@ def check_prompt(model, source: Path | None, length: int = 12) -> list[int]:
     if source is not None and (source / "tokenizer.json").is_file():
         from kvlab.tokenizer import JsonTokenizer
 
-        ids = JsonTokenizer(source / "tokenizer.json").encode("The quick brown fox jumps over the lazy dog. Then")
+        ids = JsonTokenizer(source / "tokenizer.json").encode(CHECK_TEXT)
         if ids and max(ids) < model.config.vocab_size:
             return ids
     generator = torch.Generator().manual_seed(1234)
@@ -119,15 +120,19 @@ def run_engine(engine: str, runs: list[dict], timeout: float = 900) -> list[dict
     return json.loads(lines[-1])["runs"]
 
 
-def check_llamacpp(files: list[Path], refs: list[dict], tie: float | None = None) -> list[dict]:
+def check_llamacpp(files: list[Path], refs: list[dict], tie: float | None = None,
+                   tokenizer: Path | None = None) -> list[dict]:
     """llama.cpp (llama-cpp-python) on GGUF files, one driver process for all of them. An F32 file runs
-    with an F32 KV cache (llama.cpp's default F16 cache alone costs ~5e-4 in the logits); others keep F16."""
+    with an F32 KV cache (llama.cpp's default F16 cache alone costs ~5e-4 in the logits); others keep F16.
+    With ``tokenizer`` (a folder holding the source ``tokenizer.json``), the GGUF's own tokenization of a
+    sentence is compared with it too (``tokenizer_equal``)."""
     import numpy as np
 
     with tempfile.TemporaryDirectory() as tmp:
         runs = [{"model": str(f), "prompt": r["prompt"], "n_new": len(r["tokens"]), "teacher": r["teacher"],
                  "logits_out": str(Path(tmp) / f"{i}.npy"),
-                 "kv_type": "f32" if f.name.endswith("-f32.gguf") else "f16"} for i, (f, r) in enumerate(zip(files, refs))]
+                 "kv_type": "f32" if f.name.endswith("-f32.gguf") else "f16",
+                 "text": CHECK_TEXT if tokenizer is not None else None} for i, (f, r) in enumerate(zip(files, refs))]
         try:
             answers = run_engine("llamacpp", runs)
         except (FileNotFoundError, RuntimeError, subprocess.TimeoutExpired) as exc:
@@ -138,7 +143,12 @@ def check_llamacpp(files: list[Path], refs: list[dict], tie: float | None = None
                 records.append({"engine": "llama.cpp", "error": answer["error"], "greedy_ok": False})
                 continue
             logits = torch.from_numpy(np.load(run["logits_out"]))
-            records.append({"engine": "llama.cpp (llama-cpp-python 0.3.36)", **compare(ref, answer["tokens"], logits, tie)})
+            record = {"engine": "llama.cpp (llama-cpp-python 0.3.36)", **compare(ref, answer["tokens"], logits, tie)}
+            if "text_ids" in answer:
+                from kvlab.tokenizer import JsonTokenizer
+
+                record["tokenizer_equal"] = answer["text_ids"] == JsonTokenizer(tokenizer / "tokenizer.json").encode(CHECK_TEXT)
+            records.append(record)
     return records
 
 

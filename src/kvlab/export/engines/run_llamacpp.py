@@ -1,7 +1,7 @@
 """llama.cpp (through llama-cpp-python) on GGUF files. Request: ``{"runs": [{"model": PATH, "prompt": [ids],
-"n_new": N, "teacher": [ids], "logits_out": PATH.npy, "kv_type": "f32"|"f16"}]}``. Per run: greedy ``tokens`` decoded through
+"n_new": N, "teacher": [ids], "logits_out": PATH.npy, "kv_type": "f32"|"f16", "text": STR}]}``. Per run: greedy ``tokens`` decoded through
 llama.cpp's own KV cache, and (if ``teacher``) the logits of every position of ``teacher`` saved to
-``logits_out`` as float32 ``[len(teacher), vocab]``."""
+``logits_out`` as float32 ``[len(teacher), vocab]``; with ``text``, its ids under the GGUF's tokenizer."""
 
 import json
 import sys
@@ -23,6 +23,8 @@ def run_one(run: dict) -> dict:
         tokens.append(token)
         llm.eval([token])
     answer = {"tokens": tokens, "n_vocab": llm.n_vocab()}
+    if run.get("text"):  # the GGUF's own tokenizer on a sentence
+        answer["text_ids"] = llm.tokenize(run["text"].encode("utf-8"), add_bos=False, special=False)
     if run.get("teacher"):
         llm.reset()
         llm.eval(run["teacher"])
