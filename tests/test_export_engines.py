@@ -20,7 +20,7 @@ import kvlab
 from kvlab.export import check, export
 from kvlab.export.gguf import permute_rows
 
-pytestmark = pytest.mark.xdist_group("export-engines")  # one worker: the SmolLM2 fixtures are built once
+pytestmark = pytest.mark.xdist_group("export-engines")  # one worker, session fixtures: SmolLM2 built once
 N_NEW = 16
 TIE = {"f16": 0.1, "q8_0": 0.5}  # logit margin under which rounded weights may flip a greedy choice
 
@@ -76,7 +76,7 @@ def _model(config: dict, state: dict):
     return model
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smollm2():
     folder = smollm2_folder()
     base = kvlab.load(folder).eval()
@@ -84,7 +84,7 @@ def smollm2():
     return folder, {"gqa": base, "mqa": mqa, "mla": to_mla(mqa)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prompt(smollm2):
     folder, variants = smollm2
     return check.check_prompt(variants["gqa"], folder)
@@ -99,7 +99,7 @@ def test_mla_stand_in_is_the_mqa_model(smollm2, prompt):
     assert float((mla["logits"] - mqa["logits"]).abs().max()) < 0.25
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hf_exports(smollm2, tmp_path_factory):
     folder, variants = smollm2
     root = tmp_path_factory.mktemp("exports")
@@ -170,3 +170,23 @@ def test_llamacpp_greedy_matches_kvlab(smollm2, prompt, tmp_path, unused):
             assert record["greedy"] == "equal" and record["max_abs_logit_diff"] < 1e-3, record
         else:  # rounded weights: equal, or a first difference at a near-tie of kvlab's own logits
             assert record["greedy"] == "equal" or record["kvlab_margin"] <= TIE[qtype], record
+
+
+def test_llamacpp_runs_deepseek2_mla_exports(tmp_path):
+    """MLA as llama.cpp's deepseek2: a dense-q model with 27 layers (what llama.cpp 0.3.36 reads without a
+    q LoRA, rotate-half RoPE permuted) and a 4-layer q-LoRA model; a dense-q 4-layer model is refused."""
+    needs_engine("llamacpp")
+    mla = {"type": "mla", "n_heads": 4, "kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32,
+           "v_head_dim": 32}
+    with pytest.raises(kvlab.UnsupportedError, match="26 or 27"):
+        export(build(tiny_config([mla] * 4)), "gguf", tmp_path / "refused", check=False)
+    files, refs = [], []
+    for name, layers, extra in (("dense-q-27", [mla] * 27, {}),
+                                ("q-lora-4", [{**mla, "q_lora_rank": 32}] * 4, {"rope": {"interleaved": True}})):
+        model = build(tiny_config(layers, **extra))
+        report = export(model, "gguf", tmp_path / name, check=False)
+        files.append(tmp_path / name / report["file"])
+        refs.append(check.kvlab_reference(model, list(range(5, 25)), N_NEW))
+    for record in check.check_llamacpp(files, refs):
+        print(record.get("max_abs_logit_diff"), record.get("greedy"))
+        assert record["greedy"] == "equal" and record["max_abs_logit_diff"] < 1e-4, record

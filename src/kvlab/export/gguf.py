@@ -6,7 +6,8 @@ interleaved pairs, kvlab (like HF) rotates halves: q/k rows are permuted per hea
 same scores (llama.cpp's ``convert_hf_to_gguf`` does the same). llama3 RoPE scaling becomes the
 ``rope_freqs`` tensor, linear scaling the ``rope.scaling`` keys. The tokenizer (a byte-level BPE
 ``tokenizer.json``) is written as ``tokenizer.ggml.*`` metadata; without one, a placeholder vocabulary of
-the right size lets llama.cpp load the file (ids in, ids out).
+the right size lets llama.cpp load the file (ids in, ids out). MLA models become ``deepseek2`` files
+(``gguf_mla.py``).
 """
 
 from __future__ import annotations
@@ -60,12 +61,15 @@ def llama_tensors(model, layout: Layout) -> dict[str, torch.Tensor]:
     return out
 
 
-def _rope_metadata(writer, spec, config) -> dict[str, torch.Tensor]:
-    """RoPE keys; returns extra tensors (``rope_freqs`` for llama3 scaling)."""
+def _llama_metadata(writer, spec, config) -> dict[str, torch.Tensor]:
+    """Attention and RoPE keys of the llama arch; returns extra tensors (``rope_freqs`` for llama3 scaling)."""
     import gguf
 
     from kvlab.rope import rope_frequencies
 
+    writer.add_head_count_kv(spec.n_kv_heads)
+    writer.add_key_length(spec.head_dim)
+    writer.add_value_length(spec.head_dim)
     writer.add_rope_freq_base(float(spec.rope.theta))
     writer.add_rope_dimension_count(spec.head_dim)
     scaling = spec.rope.scaling or {}
@@ -132,11 +136,14 @@ def _tokenizer_metadata(writer, source: Path | None, vocab_size: int) -> str:
 
 def ensure_writable(config, layout: Layout) -> None:
     """Refuse (one line) what kvlab's GGUF writer cannot represent exactly."""
+    if layout.family == "deepseek_v3":
+        from kvlab.export.gguf_mla import ensure_deepseek2
+
+        return ensure_deepseek2(config, layout)
     if layout.family != "llama":
-        what = {"mistral": "sliding-window attention", "qwen2": "q/k/v biases or sliding windows",
-                "deepseek_v3": "MLA"}[layout.family]
+        what = {"mistral": "sliding-window attention", "qwen2": "q/k/v biases or sliding windows"}[layout.family]
         raise refuse(config, f"{what} ({layout.family})", f"{what} in kvlab's GGUF writer, which writes "
-                     "llama-arch GGUFs; use --format hf")
+                     "llama and deepseek2 GGUFs; use --format hf")
     kind = (layout.spec.rope.scaling or {}).get("rope_type", (layout.spec.rope.scaling or {}).get("type", "default"))
     if kind not in ("default", "linear", "llama3"):
         raise refuse(config, f"{kind} RoPE scaling", f"{kind} RoPE scaling in kvlab's GGUF writer (llama arch)")
@@ -144,12 +151,21 @@ def ensure_writable(config, layout: Layout) -> None:
 
 def write_gguf(model, layout: Layout, out: OutputFolder, source: Path | None, qtype: str = "f32") -> dict:
     """Write ``model-<qtype>.gguf``; returns ``{"file": name, "tokenizer": ...}``."""
+    ensure_writable(model.config, layout)
+    if layout.family == "deepseek_v3":
+        from kvlab.export.gguf_mla import deepseek2_metadata, deepseek2_tensors
+
+        return _write(model, out, "deepseek2", qtype, source, deepseek2_metadata, deepseek2_tensors(model, layout))
+    return _write(model, out, "llama", qtype, source, _llama_metadata, llama_tensors(model, layout))
+
+
+def _write(model, out: OutputFolder, arch: str, qtype: str, source, metadata, tensors: dict) -> dict:
+    """The GGUF file: ``metadata(writer, spec, config)`` (returns extra tensors), tokenizer, tensors."""
     import gguf
 
-    config, spec = model.config, layout.spec
-    ensure_writable(config, layout)
+    config, spec = model.config, model.config.layer(0)
     name = f"model-{qtype}.gguf"
-    writer = gguf.GGUFWriter(str(out.file(name)), "llama")
+    writer = gguf.GGUFWriter(str(out.file(name)), arch)
     writer.add_name(config.name)
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(spec.rope.max_position or config.max_seq_len)
@@ -157,16 +173,13 @@ def write_gguf(model, layout: Layout, out: OutputFolder, source: Path | None, qt
     writer.add_block_count(config.n_layers)
     writer.add_feed_forward_length(config.mlp_hidden)
     writer.add_head_count(spec.n_heads)
-    writer.add_head_count_kv(spec.n_kv_heads)
-    writer.add_key_length(spec.head_dim)
-    writer.add_value_length(spec.head_dim)
     writer.add_layer_norm_rms_eps(config.norm_eps)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
     writer.add_file_type(int(file_type))
-    extra = _rope_metadata(writer, spec, config)
+    extra = metadata(writer, spec, config)
     tokenizer = _tokenizer_metadata(writer, source, config.vocab_size)
-    for tname, tensor in {**llama_tensors(model, layout), **extra}.items():
+    for tname, tensor in {**tensors, **extra}.items():
         data, raw = _encode(tname, tensor, qtype)
         writer.add_tensor(tname, data, raw_dtype=raw)
     writer.write_header_to_file()
