@@ -35,11 +35,12 @@ def export(ckpt, fmt: str, out: str | Path, force: bool = False, gguf_type: str 
     layout = classify(model.config)
     source = Path(tokenizer_from) if tokenizer_from is not None else source_folder(ckpt)
     if fmt == "gguf":
-        from kvlab.export.gguf import GGUF_TYPES, ensure_writable
+        from kvlab.export.gguf import GGUF_TYPES
 
         if gguf_type not in GGUF_TYPES:
             raise KvlabError(f"--gguf-type: must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
-        ensure_writable(model.config, layout)
+        ensure, write_gguf = gguf_writer(layout)
+        ensure(model.config, layout)
     folder = OutputFolder(out, force)
     report: dict = {"format": fmt, "family": layout.family, "source": str(source or "in-memory model")}
     if fmt == "hf":
@@ -47,8 +48,6 @@ def export(ckpt, fmt: str, out: str | Path, force: bool = False, gguf_type: str 
 
         report["files"] = write_hf(model, layout, folder, source)
     else:
-        from kvlab.export.gguf import write_gguf
-
         report.update(write_gguf(model, layout, folder, source, gguf_type), gguf_type=gguf_type)
         report["files"] = list(folder.files)
     log(f"exported {report['source']} as {layout.family} ({fmt}) to {folder.path}")
@@ -74,6 +73,17 @@ def run_checks(model, fmt: str, path: Path, report: dict, source: Path | None, n
     if vllm:
         records += check.check_vllm([path], [[ref]])[0]
     return records
+
+
+def gguf_writer(layout):
+    """(refusal check, writer) of the GGUF architecture for ``layout``: deepseek2 for MLA, else llama."""
+    if layout.family == "deepseek_v3":
+        from kvlab.export.gguf_mla import ensure_deepseek2, write_deepseek2
+
+        return ensure_deepseek2, write_deepseek2
+    from kvlab.export.gguf import ensure_llama, write_llama
+
+    return ensure_llama, write_llama
 
 
 def _load(ckpt):

@@ -84,7 +84,7 @@ def _llama_metadata(writer, spec, config) -> dict[str, torch.Tensor]:
         plain, _ = rope_frequencies(type(spec.rope)(theta=spec.rope.theta), spec.head_dim)
         scaled, _ = rope_frequencies(spec.rope, spec.head_dim)
         return {"rope_freqs.weight": (plain / scaled).float()}
-    raise AssertionError(kind)  # ensure_writable refused it
+    raise AssertionError(kind)  # ensure_llama refused it
 
 
 def _encode(name: str, tensor: torch.Tensor, qtype: str):
@@ -134,12 +134,8 @@ def _tokenizer_metadata(writer, source: Path | None, vocab_size: int) -> str:
     return "placeholder (no tokenizer.json)"
 
 
-def ensure_writable(config, layout: Layout) -> None:
-    """Refuse (one line) what kvlab's GGUF writer cannot represent exactly."""
-    if layout.family == "deepseek_v3":
-        from kvlab.export.gguf_mla import ensure_deepseek2
-
-        return ensure_deepseek2(config, layout)
+def ensure_llama(config, layout: Layout) -> None:
+    """Refuse (one line) what kvlab's llama-arch GGUF writer cannot represent exactly."""
     if layout.family != "llama":
         what = {"mistral": "sliding-window attention", "qwen2": "q/k/v biases or sliding windows"}[layout.family]
         raise refuse(config, f"{what} ({layout.family})", f"{what} in kvlab's GGUF writer, which writes "
@@ -149,17 +145,13 @@ def ensure_writable(config, layout: Layout) -> None:
         raise refuse(config, f"{kind} RoPE scaling", f"{kind} RoPE scaling in kvlab's GGUF writer (llama arch)")
 
 
-def write_gguf(model, layout: Layout, out: OutputFolder, source: Path | None, qtype: str = "f32") -> dict:
-    """Write ``model-<qtype>.gguf``; returns ``{"file": name, "tokenizer": ...}``."""
-    ensure_writable(model.config, layout)
-    if layout.family == "deepseek_v3":
-        from kvlab.export.gguf_mla import deepseek2_metadata, deepseek2_tensors
-
-        return _write(model, out, "deepseek2", qtype, source, deepseek2_metadata, deepseek2_tensors(model, layout))
-    return _write(model, out, "llama", qtype, source, _llama_metadata, llama_tensors(model, layout))
+def write_llama(model, layout: Layout, out: OutputFolder, source: Path | None, qtype: str = "f32") -> dict:
+    """Write ``model-<qtype>.gguf`` (llama arch); returns ``{"file": name, "tokenizer": ...}``."""
+    ensure_llama(model.config, layout)
+    return write_file(model, out, "llama", qtype, source, _llama_metadata, llama_tensors(model, layout))
 
 
-def _write(model, out: OutputFolder, arch: str, qtype: str, source, metadata, tensors: dict) -> dict:
+def write_file(model, out: OutputFolder, arch: str, qtype: str, source, metadata, tensors: dict) -> dict:
     """The GGUF file: ``metadata(writer, spec, config)`` (returns extra tensors), tokenizer, tensors."""
     import gguf
 

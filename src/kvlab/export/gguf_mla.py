@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 from kvlab.attention.mla import LATENT_NORM_EPS
-from kvlab.export.gguf import _tensor_names, permute_rows
+from kvlab.export.gguf import _tensor_names, permute_rows, write_file
 from kvlab.export.layout import Layout, refuse
+from kvlab.export.outdir import OutputFolder
 
 
 def llamacpp_lite(config) -> bool:
@@ -38,6 +39,12 @@ def ensure_deepseek2(config, layout: Layout) -> None:
     if abs(config.norm_eps - LATENT_NORM_EPS) > 1e-12 or spec.qkv_bias or spec.rope.scaling:
         raise refuse(config, "MLA with norm_eps != 1e-6, biases or RoPE scaling",
                      "such deepseek2 GGUF in kvlab's writer (one norm eps, no biases, plain RoPE); use --format hf")
+
+
+def write_deepseek2(model, layout: Layout, out: OutputFolder, source, qtype: str = "f32") -> dict:
+    """Write ``model-<qtype>.gguf`` (deepseek2 arch); returns ``{"file": name, "tokenizer": ...}``."""
+    ensure_deepseek2(model.config, layout)
+    return write_file(model, out, "deepseek2", qtype, source, deepseek2_metadata, deepseek2_tensors(model, layout))
 
 
 def deepseek2_metadata(writer, spec, config) -> dict:
