@@ -150,8 +150,7 @@ def test_vllm_greedy_matches_kvlab(smollm2, hf_exports, prompt, tmp_path):
             assert record.get("greedy_ok"), record
 
 
-@pytest.mark.parametrize("unused", [None])
-def test_llamacpp_greedy_matches_kvlab(smollm2, prompt, tmp_path, unused):
+def test_llamacpp_greedy_matches_kvlab(smollm2, prompt, tmp_path):
     needs_engine("llamacpp")
     folder, variants = smollm2
     files, refs = [], []
