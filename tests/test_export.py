@@ -1,0 +1,112 @@
+"""``kvlab export``: each exportable kind of tiny random model reloads in stock transformers
+(``AutoModelForCausalLM``, no remote code) with kvlab's logits (1e-4) and greedy tokens; refusals are one
+line and write nothing; the output folder rules. Engine round trips (vLLM, llama.cpp) and SmolLM2 are in
+``test_export_engines.py``."""
+
+import json
+
+import pytest
+import torch
+from helpers import build, tiny_config
+
+from kvlab.cli import main
+from kvlab.errors import UnsupportedError
+from kvlab.export import export
+
+transformers = pytest.importorskip("transformers")
+
+GQA = {"type": "full", "n_heads": 4, "n_kv_heads": 2}
+MLA = {"type": "mla", "n_heads": 4, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 12}
+SWA = {"type": "sliding", "window": 5, "n_heads": 4, "n_kv_heads": 2}
+CASES = {  # name -> (layers, model extras, expected stock family)
+    "mha": ([{"type": "full", "n_heads": 4}] * 2, {}, "llama"),
+    "gqa": ([GQA] * 2, {}, "llama"),
+    "mqa-tied-llama3": ([{**GQA, "n_kv_heads": 1}] * 2,
+                        {"tie_embeddings": True, "rope": {"theta": 5e5, "scaling": {
+                            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 16}}}, "llama"),
+    "gqa-all-biases": ([{**GQA, "qkv_bias": True, "o_bias": True}] * 2, {}, "llama"),
+    "gqa-qkv-bias": ([{**GQA, "qkv_bias": True}] * 2, {}, "qwen2"),
+    "sliding": ([SWA] * 3, {}, "mistral"),
+    "mixed-full-sliding": ([SWA, GQA, SWA], {}, "qwen2"),
+    "mla": ([MLA] * 2, {"rope": {"interleaved": True}}, "deepseek_v3"),
+    "mla-q-lora-rotate-half": ([{**MLA, "q_lora_rank": 12}] * 2, {}, "deepseek_v3"),
+}
+
+
+def biased_(model):
+    """Nonzero biases (init leaves them at zero), so a dropped bias would show."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hf_export_reloads_in_stock_transformers(tmp_path, name):
+    layers, extra, family = CASES[name]
+    model = biased_(build(tiny_config(layers, **extra)))
+    report = export(model, "hf", tmp_path / "out", n_new=24, log=lambda *a: None)
+    hf_config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert report["family"] == hf_config["model_type"] == family
+    assert "auto_map" not in hf_config  # nothing custom: stock classes only
+    saved = json.loads((tmp_path / "out" / "export_check.json").read_text())
+    assert saved["checks"][0]["greedy_ok"] and saved["checks"][0]["max_abs_logit_diff"] < 1e-4
+    # the test's own comparison, independent of check.py: a longer sequence than any window
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert type(reference).__module__.startswith("transformers.models.")
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(reference(ids).logits, model(ids), atol=1e-4, rtol=1e-4)
+        ours = model.generate(ids[:1], max_new_tokens=16)
+        theirs = reference.generate(ids[:1], max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert ours.tokens[0] == theirs[0, -16:].tolist()
+
+
+REFUSED = {  # name -> (layers, words the one-line refusal must contain)
+    "sinks": ([{**SWA, "sinks": 2}] * 2, "sink"),
+    "kv-quant": ([{**GQA, "kv_quant": "int8"}] * 2, "int8"),
+    "cross-layer-sharing": ([GQA, {**GQA, "kv_from": 0}], "sharing"),
+    "block-sparse": ([{"type": "block_sparse", "n_heads": 4, "block": 4}] * 2, "block_sparse"),
+    "two-windows": ([SWA, {**SWA, "window": 7}], "window sizes"),
+    "mixed-mla-full": ([MLA, GQA], "'mla'"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_no_stock_representation_is_refused_in_one_line(tmp_path, name, capsys):
+    layers, words = REFUSED[name]
+    config = tiny_config(layers)
+    with pytest.raises(UnsupportedError) as info:
+        export(build(config), "hf", tmp_path / "out", check=False)
+    message = str(info.value)
+    assert "\n" not in message and words in message and "stock" in message and "kvlab checkpoint" in message
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    build(config).save(tmp_path / "ckpt")
+    assert main(["export", str(tmp_path / "ckpt"), "--format", "gguf", "--out", str(tmp_path / "g")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "g").exists()
+
+
+def test_gguf_writer_refuses_what_llama_arch_lacks(tmp_path):
+    with pytest.raises(UnsupportedError, match="sliding-window attention.*use --format hf"):
+        export(build(tiny_config([SWA] * 2)), "gguf", tmp_path / "out", check=False)
+
+
+def test_output_folder_rules(tmp_path, capsys):
+    build(tiny_config([GQA] * 2)).save(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    args = ["export", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(out), "--tokens", "4"]
+    assert main(args) == 0
+    assert "greedy equal" in capsys.readouterr().out
+    (out / "notes.txt").write_text("mine")
+    assert main(args) == 2 and "--force" in capsys.readouterr().err  # never over an existing folder
+    assert main(args + ["--force", "--no-check"]) == 0
+    assert (out / "notes.txt").read_text() == "mine"  # --force removed only what the export wrote
+    assert sorted(p.name for p in out.iterdir()) == [".kvlab-export.json", "config.json", "export_check.json",
+                                                      "model.safetensors", "notes.txt"]
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "config.json").write_text("{}")
+    assert main(["export", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(user), "--force"]) == 2
+    assert "not written by kvlab export" in capsys.readouterr().err and (user / "config.json").read_text() == "{}"
