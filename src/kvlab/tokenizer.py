@@ -23,8 +23,15 @@ class JsonTokenizer:
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer
 
+        from kvlab.errors import KvlabError
+        from kvlab.safe_io import MAX_JSON_BYTES, read_text
+
         self.path = Path(path)
-        self.inner = Tokenizer.from_file(str(path))
+        text = read_text(self.path, MAX_JSON_BYTES, "tokenizer.json")
+        try:
+            self.inner = Tokenizer.from_str(text)
+        except Exception as exc:  # the tokenizers library raises a bare Exception
+            raise KvlabError(f"{path}: not a valid tokenizer.json ({(str(exc).splitlines() or ['?'])[0]})") from None
         self.vocab_size = self.inner.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
@@ -37,7 +44,7 @@ class JsonTokenizer:
 def load_tokenizer(folder: str | Path, vocab_size: int | None = None):
     """The checkpoint folder's ``tokenizer.json`` if present, else byte-level (needs vocab >= 256)."""
     path = Path(folder) / "tokenizer.json"
-    if path.exists():
+    if path.exists() or path.is_symlink():
         return JsonTokenizer(path)
     if vocab_size is not None and vocab_size < 256:
         from kvlab.errors import KvlabError

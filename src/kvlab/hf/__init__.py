@@ -7,7 +7,6 @@ checkpoint's tensor names onto kvlab's.
 from __future__ import annotations
 
 import importlib
-import json
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,7 +73,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         return config
     except KeyError as exc:
         raise ConfigError(f"{where}: missing field {exc.args[0]!r}") from None
-    except (TypeError, ValueError, AttributeError) as exc:
+    except (TypeError, ValueError, AttributeError, ArithmeticError) as exc:
         if isinstance(exc, KvlabError):
             raise
         raise ConfigError(f"{where}: invalid value ({exc})") from None
@@ -109,16 +108,14 @@ def hf_dtype(hf: dict) -> str:
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from kvlab.checkpoint import read_safetensors_file
 
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [f.name for f in sorted(path.glob("*.safetensors"))]
+    from kvlab.safe_io import weight_files
+
+    files = weight_files(path)  # the index's names stay inside the folder
     if not files:
         raise KvlabError(f"{path}: no .safetensors weights found")
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(read_safetensors_file(path / name))
+    for file in files:
+        state.update(read_safetensors_file(file))
     return state
 
 

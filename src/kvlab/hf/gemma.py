@@ -17,7 +17,7 @@ import re
 import torch
 
 from kvlab.config import ModelConfig
-from kvlab.errors import UnsupportedError
+from kvlab.errors import ConfigError, UnsupportedError
 from kvlab.hf import register_family
 from kvlab.hf.llama import decoder_config, strip_model_prefix
 from kvlab.sharing import share_last
@@ -45,6 +45,10 @@ def layer_types(hf: dict, pattern: int) -> list[str]:
     n = hf["num_hidden_layers"]
     types = list(hf.get("layer_types") or
                  ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)])
+    unknown = [t for t in types if t not in ("full_attention", "sliding_attention")]
+    if unknown or len(types) != n:  # refuse rather than guess full attention
+        raise ConfigError(f"config.json: layer_types: expected {n} of 'full_attention' / 'sliding_attention', "
+                          f"got {(unknown or [len(types)])[0]!r}")
     if hf["model_type"].startswith("gemma4"):
         types[-1] = "full_attention"  # as transformers forces it
     return types

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from kvlab.config import ModelConfig
+from kvlab.errors import ConfigError
 from kvlab.hf import hf_dtype, hf_get, hf_rope, register_family
 
 ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -28,7 +29,14 @@ def layer_windows(hf: dict) -> list[int | None]:
     window = hf.get("sliding_window")
     model_type = hf["model_type"]
     if hf.get("layer_types"):
-        return [window if t == "sliding_attention" else None for t in hf["layer_types"]]
+        types = hf["layer_types"]
+        if not isinstance(types, list) or len(types) != n:
+            raise ConfigError(f"config.json: layer_types: expected a list of {n} entries, got {types!r}"[:200])
+        unknown = [t for t in types if t not in ("full_attention", "sliding_attention")]
+        if unknown:  # refuse rather than guess full attention for a kind kvlab does not know
+            raise ConfigError(f"config.json: layer_types: {unknown[0]!r} is not 'full_attention' or "
+                              "'sliding_attention'")
+        return [window if t == "sliding_attention" else None for t in types]
     if model_type in ("qwen2", "qwen3"):
         if not hf.get("use_sliding_window") or window is None:
             return [None] * n
