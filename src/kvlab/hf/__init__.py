@@ -107,7 +107,6 @@ def hf_dtype(hf: dict) -> str:
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from kvlab.checkpoint import read_safetensors_file
-
     from kvlab.safe_io import weight_files
 
     files = weight_files(path)  # the index's names stay inside the folder
