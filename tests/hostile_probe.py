@@ -156,6 +156,19 @@ def _huge_header(folder: Path) -> None:
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", 2**40) + b"{" + b" " * 16)
 
 
+def _forged_offsets(folder: Path) -> None:
+    """A header whose first tensor claims bytes past the end of the file."""
+    import struct
+
+    data = (folder / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"] = [0, 10**12]
+    raw = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
 def _nan_weights(folder: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -302,6 +315,23 @@ def cases(fx: dict) -> list[tuple[str, object, str]]:
                     p.write_bytes(content)
         C.append((f"train-resume-{name}-state", ["train", "--no-progress", "--resume", "--out",
                                                    variant_run(fx, name, edit)], "err"))
+    for name in ("trainer_state.json", "trainer_state.safetensors", "model.safetensors", "config.json",
+                 "tokenizer.json"):
+        C.append((f"train-resume-pickle-{name}", ["train", "--no-progress", "--resume", "--out", variant_run(
+            fx, "p" + name, lambda f, n=name: (f / "checkpoint" / n).write_bytes(evil_pickle(marker)))], "err"))
+    C.append(("train-resume-pickle-train-config", ["train", "--no-progress", "--resume", "--out", variant_run(
+        fx, "ptc", lambda f: (f / "train_config.json").write_bytes(evil_pickle(marker)))], "err"))
+    C.append(("train-resume-fifo-state", ["train", "--no-progress", "--resume", "--out", variant_run(
+        fx, "fst", lambda f: _fifo(f / "checkpoint" / "trainer_state.json"))], "err"))
+    C.append(("train-resume-forged-state", ["train", "--no-progress", "--resume", "--out", variant_run(
+        fx, "fgs", lambda f: (f / "checkpoint" / "trainer_state.json").write_text(
+            '{"step": 1, "optimizer": {"__tensor__": "nope"}}'))], "err"))
+    C.append(("train-resume-and-force", ["train", "--no-progress", "--resume", "--force", "--out",
+                                         variant_run(fx, "rf", lambda f: None)], "err"))
+    forged = _thesis(r, "forged", "notes.txt")
+    (Path(forged) / ".kvlab-manifest.json").write_text(json.dumps({"kvlab": "outputs", "files": [
+        "../../corpus.txt", str(r / "cfgs" / "good.json"), "thesis.tex/../../../corpus.txt"]}))
+    C.append(("train-force-forged-manifest", [*tr, "--out", forged, "--force"], "err"))
     C.append(("train-resume-other-config", ["train", "--no-progress", "--resume", "--out", variant_run(fx, "rc", lambda f: None),
                                             "--config", cfg(r, "other", tiny(d_model=64))], "err"))
     C.append(("train-resume-other-corpus", ["train", "--no-progress", "--resume", "--out", variant_run(fx, "rk", lambda f: None),
@@ -347,6 +377,14 @@ def cases(fx: dict) -> list[tuple[str, object, str]]:
         "hf-index-bad": variant_hf(fx, "ib", lambda f: (f / "model.safetensors.index.json").write_text('{"x": 1}')),
         "hf-fifo-weights": variant_hf(fx, "fw", lambda f: _fifo(f / "model.safetensors")),
         "hf-pickle-weights": variant_hf(fx, "pw", lambda f: (f / "model.safetensors").write_bytes(evil_pickle(marker))),
+        "hf-pickle-index": variant_hf(fx, "pi", lambda f: (f / "model.safetensors.index.json").write_bytes(
+            evil_pickle(marker))),
+        "hf-pickle-config": variant_hf(fx, "pc", lambda f: (f / "config.json").write_bytes(evil_pickle(marker))),
+        "pickle-bin-weights": variant_hf(fx, "pb", lambda f: ((f / "model.safetensors").unlink(),
+                                                               (f / "pytorch_model.bin").write_bytes(evil_pickle(marker)))),
+        "hf-layer-types": variant_hf(fx, "lt", lambda f: (f / "config.json").write_text(json.dumps(
+            {**HF, "layer_types": ["full_attention", "mamba"]}))),
+        "forged-offsets": variant_ckpt(fx, "fo", _forged_offsets),
     }
     for name, folder in broken.items():
         C.append((f"generate-{name}", ["generate", folder, "--ids", "1,2", "--max-new-tokens", "2"], "err"))
@@ -399,8 +437,8 @@ def cases(fx: dict) -> list[tuple[str, object, str]]:
                         ("variants-empty", ["--variants", cfg(r, "empty", {})]),
                         ("variants-missing", ["--variants", str(r / "none.json")]),
                         ("variants-fifo", ["--variants", str(fifo_dir / "config.json")]),
-                        ("variants-unbuildable", ["--variants", cfg(r, "plan_only", tiny(
-                            layers=[{"type": "csa", "n_heads": 4}] * 2))]),
+                        ("variants-list", ["--variants", cfg(r, "lst", "[1, 2]")]),
+                        ("variants-yaml-bomb", ["--variants", cfg(r, "bomb", ALIAS_BOMB, ".yaml")]),
                         ("contexts-0", ["--contexts", "0"]), ("contexts-comma", ["--contexts", ","]),
                         ("seeds-0", ["--seeds", "0"]), ("device-bad", ["--device", "gpu0"]),
                         ("workers-neg", ["--workers", "-2"]), ("corpus-missing", ["--corpus", str(r / "nope.txt")])]:

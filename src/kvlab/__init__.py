@@ -3,9 +3,9 @@
 __version__ = "0.1.0"
 
 from kvlab.config import LayerSpec, ModelConfig, RopeConfig  # noqa: E402
-from kvlab.errors import ConfigError, KvlabError, UnsupportedError  # noqa: E402
+from kvlab.errors import ConfigError, InputError, InputTypeError, KvlabError, UnsupportedError  # noqa: E402
 
-__all__ = ["ConfigError", "KvlabError", "LayerSpec", "ModelConfig", "RopeConfig", "UnsupportedError",
+__all__ = ["ConfigError", "InputError", "InputTypeError", "KvlabError", "LayerSpec", "ModelConfig", "RopeConfig", "UnsupportedError",
            "Model", "Cache", "load", "plan", "__version__"]
 
 

@@ -247,7 +247,11 @@ class Model(nn.Module):
             built_for = getattr(cache, "built_for", self.config)
             if len(cache.layers) != len(self.layers) or (built_for is not self.config and built_for != self.config):
                 raise InputError("cache: built for another model; make one with this model's new_cache()")
-        if input_ids.shape[1] > 1:
+        if input_ids.shape[1] > 1:  # a prompt or a full forward (the decode path skips this)
+            end = (cache.step if cache is not None else 0) + input_ids.shape[1]
+            if end > self.config.max_seq_len:
+                raise InputError(f"input_ids: {end:,} tokens exceed the model's max_seq_len "
+                                 f"({self.config.max_seq_len:,})")
             low, high = torch.aminmax(input_ids)
             if int(low) < 0 or int(high) >= self.config.vocab_size:
                 raise InputError(f"input_ids: token ids must be in [0, {self.config.vocab_size}), got "

@@ -122,6 +122,8 @@ def output_file(path: str | Path, force: bool, flag: str = "--out", suffixes: tu
     first (so the check below sees the file that will really be written) and another suffix is refused;
     an existing file needs ``force``; a folder, FIFO or device is never replaced; the parent must exist."""
     path = Path(path)
+    if path.is_dir():
+        raise KvlabError(f"{flag}: {path} is a folder; give a file name")
     if suffixes:
         if not path.suffix:
             path = path.with_name(path.name + suffixes[0])

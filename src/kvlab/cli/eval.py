@@ -77,9 +77,8 @@ def _check_lengths(args, max_seq_len: int) -> None:
     from kvlab.errors import KvlabError
 
     if args.context is None:
-        args.context = [n for n in (64, 256, 1024) if n + args.decode_steps <= max_seq_len] or [
-            max(1, max_seq_len - args.decode_steps)]
-    asked = [("--seq", (0 if args.no_ppl else args.seq + 0)), ("--context", max(args.context) + args.decode_steps),
+        args.context = [n for n in (64, 256, 1024) if n <= max_seq_len] or [max_seq_len]
+    asked = [("--seq", (0 if args.no_ppl else args.seq)), ("--context", max(args.context)),
              ("--recall-lengths", max(args.recall_lengths or [0]))]
     for flag, length in asked:
         if length > max_seq_len:

@@ -87,6 +87,17 @@ def hf_get(hf: dict, *names, default=None):
     return default
 
 
+def hf_flag(hf: dict, name: str, default: bool = False) -> bool:
+    """A boolean HF field: absent or null -> ``default``; anything but true/false (``"false"``, 1) is refused
+    rather than read as truthy."""
+    value = hf.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"config.json: {name}: must be true or false, got {value!r}")
+    return value
+
+
 def hf_rope(hf: dict):
     """RopeConfig from ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling``."""
     from kvlab.config import RopeConfig

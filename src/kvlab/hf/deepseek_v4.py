@@ -12,7 +12,7 @@ import dataclasses
 
 from kvlab.config import ModelConfig, RopeConfig
 from kvlab.errors import ConfigError
-from kvlab.hf import hf_get, register_family
+from kvlab.hf import hf_flag, hf_get, register_family
 
 TYPES = {"sliding_attention": "v4_sliding", "compressed_sparse_attention": "csa",
          "heavily_compressed_attention": "hca"}
@@ -120,7 +120,7 @@ def deepseek_v4_config(hf: dict) -> ModelConfig:
         "mlp_hidden": hf_get(hf, "moe_intermediate_size", "intermediate_size", default=2048),
         "norm_eps": hf_get(hf, "rms_norm_eps", default=1e-6),
         "rope": dataclasses.asdict(main_rope),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "tie_embeddings": hf_flag(hf, "tie_word_embeddings", False),
         "max_seq_len": hf_get(hf, "max_position_embeddings", default=1048576),
         "layers": layers,
         **extra,

@@ -15,7 +15,7 @@ import torch
 
 from kvlab.config import ModelConfig, RopeConfig
 from kvlab.errors import ConfigError, UnsupportedError
-from kvlab.hf import hf_dtype, hf_get, hf_rope, register_family
+from kvlab.hf import hf_dtype, hf_flag, hf_get, hf_rope, register_family
 from kvlab.hf.llama import ACTS, strip_model_prefix
 
 # transformers' defaults when ``rope_parameters`` is absent
@@ -52,7 +52,7 @@ def laguna_config(hf: dict) -> ModelConfig:
     gating = hf.get("gating", True)
     if gating not in GATES:
         raise ConfigError(f"config.json: gating must be true, false, 'per-head' or 'per-element', got {gating!r}")
-    bias = bool(hf.get("attention_bias", False))
+    bias = hf_flag(hf, "attention_bias", False)
     ropes = {t: per_type_rope(hf, t) for t in set(layer_types)}
     layers = []
     for i, (kind, n_heads) in enumerate(zip(layer_types, heads)):
@@ -82,7 +82,7 @@ def per_layer_model_config(hf: dict, name: str, layers: list[dict], rope: RopeCo
         mlp_act=ACTS.get(hf.get("hidden_act", "silu"), hf.get("hidden_act")),
         norm_eps=hf.get("rms_norm_eps", norm_eps),
         rope=rope,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", tie)),
+        tie_embeddings=hf_flag(hf, "tie_word_embeddings", tie),
         dtype=hf_dtype(hf),
         max_seq_len=hf.get("max_position_embeddings", 131072),
         layers=layers,

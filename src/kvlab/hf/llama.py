@@ -7,7 +7,7 @@ import torch
 
 from kvlab.config import ModelConfig
 from kvlab.errors import ConfigError
-from kvlab.hf import hf_dtype, hf_get, hf_rope, register_family
+from kvlab.hf import hf_dtype, hf_flag, hf_get, hf_rope, register_family
 
 ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
@@ -49,7 +49,7 @@ def layer_windows(hf: dict) -> list[int | None]:
 def llama_config(hf: dict) -> ModelConfig:
     n_heads = hf["num_attention_heads"]
     model_type = hf["model_type"]
-    bias = bool(hf.get("attention_bias", model_type == "qwen2"))
+    bias = hf_flag(hf, "attention_bias", model_type == "qwen2")
     base = {
         "n_heads": n_heads,
         "n_kv_heads": hf_get(hf, "num_key_value_heads", default=n_heads),
@@ -74,7 +74,7 @@ def decoder_config(hf: dict, name: str, layers: list[dict], rope=None, **overrid
         mlp_act=ACTS.get(hf.get("hidden_act", "silu"), hf.get("hidden_act")),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope=rope or hf_rope(hf),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_embeddings=hf_flag(hf, "tie_word_embeddings", False),
         dtype=hf_dtype(hf),
         max_seq_len=hf.get("max_position_embeddings", 4096),
         layers=layers,

@@ -41,9 +41,9 @@ from kvlab.train import state as state_io
 
 CHECKPOINT = "checkpoint"
 STATE = state_io.JSON
+CHECKPOINT_FILES = ("config.json", "model.safetensors", state_io.JSON, state_io.TENSORS, "tokenizer.json")
 RUN_FILES = ("train_config.json", "log.jsonl", *(f"{folder}/{name}" for folder in (CHECKPOINT, ".checkpoint.tmp",
-             ".checkpoint.old") for name in ("config.json", "model.safetensors", state_io.JSON, state_io.TENSORS,
-                                             "tokenizer.json")))
+             ".checkpoint.old") for name in CHECKPOINT_FILES))
 
 
 @dataclass
@@ -354,6 +354,9 @@ class Trainer:
                 shutil.copyfile(self.tokenizer_file, tmp / "tokenizer.json")
             shutil.rmtree(old, ignore_errors=True)
             if final.exists():
+                for item in final.iterdir():  # a file kvlab did not write moves on to the new checkpoint
+                    if item.name not in CHECKPOINT_FILES and not (tmp / item.name).exists():
+                        os.replace(item, tmp / item.name)
                 os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
