@@ -201,7 +201,7 @@ ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
 
 def cases(fx: dict) -> list[tuple[str, object, str]]:
     """(name, argv list or zero-argument callable, expectation: 'err' | 'ok' | 'raise')."""
-    r, ck, run, hf, marker = fx["root"], str(fx["ckpt"]), str(fx["run"]), str(fx["hf"]), fx["marker"]
+    r, ck, marker = fx["root"], str(fx["ckpt"]), fx["marker"]
     good = cfg(r, "good", TINY)
     out = str(r / "outs")
     C = []

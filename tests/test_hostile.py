@@ -7,9 +7,8 @@ file outside its output untouched and undeleted, and leave no marker file from a
 
 from __future__ import annotations
 
-import pytest
-
 import hostile_probe as probe
+import pytest
 
 GROUPS = ["plan", "train", "eval", "generate", "show-mask", "demo", "compare", "api", "usage"]
 
