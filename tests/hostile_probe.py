@@ -306,8 +306,13 @@ def cases(fx: dict) -> list[tuple[str, object, str]]:
               "err"))
     C.append(("train-out-is-file", [*tr, "--out", str(r / "corpus.txt")], "err"))
     C.append(("train-out-is-file-force", [*tr, "--out", str(r / "corpus.txt"), "--force"], "err"))
-    C.append(("train-resume-evil-pickle", ["train", "--no-progress", "--resume", "--out",
-              variant_run(fx, "evil", lambda f: write_torch_pickle(f / "checkpoint" / "trainer.pt", marker))], "any"))
+    def legacy(f):  # a run folder as an older kvlab wrote it, with its trainer.pt replaced by an attacker's
+        for name in ("trainer_state.json", "trainer_state.safetensors"):
+            (f / "checkpoint" / name).unlink()
+        write_torch_pickle(f / "checkpoint" / "trainer.pt", marker)
+
+    C.append(("train-resume-evil-pickle", ["train", "--no-progress", "--resume", "--out", variant_run(fx, "evil", legacy)],
+              "err"))
     for name, content in [("empty", b""), ("truncated", b"PK\x03\x04garbage")]:
         def edit(f, content=content):
             for p in (f / "checkpoint").iterdir():
