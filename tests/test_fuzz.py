@@ -70,7 +70,7 @@ def test_config_parsing_validates_or_raises_config_error(top, per_layer):
 
 
 @FAST
-@given(st.recursive(HOSTILE_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
+@given(document=st.recursive(HOSTILE_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                               st.dictionaries(st.text(max_size=3), inner, max_size=3)),
                     max_leaves=8))
 def test_any_json_document_is_a_config_or_one_line(tmp_path_factory, document):
@@ -133,8 +133,8 @@ def _run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 @SLOW
-@given(st.lists(st.sampled_from(["--context", "--batch", "--budget", "--dtype"]), min_size=1, max_size=3),
-       st.data())
+@given(flags=st.lists(st.sampled_from(["--context", "--batch", "--budget", "--dtype"]), min_size=1, max_size=3),
+       data=st.data())
 def test_plan_runs_or_fails_in_one_line(ckpt, flags, data, capsys):
     argv = ["plan", str(ckpt.parent / "cfg.json")]
     for flag in flags:
@@ -145,8 +145,8 @@ def test_plan_runs_or_fails_in_one_line(ckpt, flags, data, capsys):
 
 
 @SLOW
-@given(st.lists(st.sampled_from(["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--stop",
-                                 "--ids"]), min_size=1, max_size=3), st.data())
+@given(flags=st.lists(st.sampled_from(["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
+                                       "--stop", "--ids"]), min_size=1, max_size=3), data=st.data())
 def test_generate_runs_or_fails_in_one_line(ckpt, flags, data, capsys):
     argv = ["generate", str(ckpt), "--ids", "1,2"]
     for flag in flags:
@@ -162,7 +162,7 @@ def test_generate_runs_or_fails_in_one_line(ckpt, flags, data, capsys):
 
 
 @SLOW
-@given(st.sampled_from(["--seq", "--layer"]), st.data())
+@given(flag=st.sampled_from(["--seq", "--layer"]), data=st.data())
 def test_show_mask_runs_or_fails_in_one_line(ckpt, tmp_path_factory, flag, data, capsys):
     out = tmp_path_factory.mktemp("sm") / "m"
     value = data.draw(ARG_VALUES)
@@ -174,8 +174,8 @@ def test_show_mask_runs_or_fails_in_one_line(ckpt, tmp_path_factory, flag, data,
 
 
 @SLOW
-@given(st.sampled_from(["--lr", "--steps", "--batch", "--seq", "--weight-decay", "--clip", "--warmup", "--seed",
-                        "--grad-accum", "--stop-after", "--max-chars"]), st.data())
+@given(flag=st.sampled_from(["--lr", "--steps", "--batch", "--seq", "--weight-decay", "--clip", "--warmup",
+                             "--seed", "--grad-accum", "--stop-after", "--max-chars"]), data=st.data())
 def test_train_runs_or_fails_in_one_line(ckpt, tmp_path_factory, flag, data, capsys):
     corpus = ckpt.parent / "corpus.txt"
     if not corpus.exists():

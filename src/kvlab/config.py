@@ -48,7 +48,8 @@ def _build_dataclass(cls: type, data: dict, where: str):
     names = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where}{unknown[0]}: unknown field for {cls.__name__}")
+        name = unknown[0] if str(unknown[0]).isidentifier() else repr(unknown[0])
+        raise ConfigError(f"{where}{name}: unknown field for {cls.__name__}")
     required = [f.name for f in fields(cls) if f.init and f.default is dataclasses.MISSING
                 and f.default_factory is dataclasses.MISSING and f.name not in data]
     if required:
