@@ -245,7 +245,7 @@ class Model(nn.Module):
             if not isinstance(cache, Cache):
                 raise InputTypeError(f"cache: expected a kvlab Cache (model.new_cache()), got {type(cache).__name__}")
             built_for = getattr(cache, "built_for", self.config)
-            if len(cache.layers) != len(self.layers) or (built_for is not self.config and built_for != self.config):
+            if len(cache.layers) != self.config.n_layers or (built_for is not self.config and built_for != self.config):
                 raise InputError("cache: built for another model; make one with this model's new_cache()")
         if input_ids.shape[1] > 1:  # a prompt or a full forward (the decode path skips this)
             end = (cache.step if cache is not None else 0) + input_ids.shape[1]
