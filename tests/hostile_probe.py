@@ -308,7 +308,7 @@ def cases(fx: dict) -> list[tuple[str, object, str]]:
     C.append(("train-out-is-file-force", [*tr, "--out", str(r / "corpus.txt"), "--force"], "err"))
     def legacy(f):  # a run folder as an older kvlab wrote it, with its trainer.pt replaced by an attacker's
         for name in ("trainer_state.json", "trainer_state.safetensors"):
-            (f / "checkpoint" / name).unlink()
+            (f / "checkpoint" / name).unlink(missing_ok=True)
         write_torch_pickle(f / "checkpoint" / "trainer.pt", marker)
 
     C.append(("train-resume-evil-pickle", ["train", "--no-progress", "--resume", "--out", variant_run(fx, "evil", legacy)],
