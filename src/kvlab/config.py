@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from kvlab.errors import ConfigError
-from kvlab.typecheck import check_field_types
+from kvlab.typecheck import check_feature_sizes, check_field_types, check_layer_sizes
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "float64": 8}
 
@@ -29,7 +29,6 @@ def canonical_dtype(name: str, field_name: str = "dtype") -> str:
 
 
 MAX_LAYERS = 10_000
-MAX_ELEMENTS = 2**40  # elements of one weight matrix: sizes whose product overflows this are refused
 
 
 def _check_positive(owner: str, **values: Any) -> None:
@@ -82,6 +81,11 @@ class RopeConfig:
             raise ConfigError(f"rope.partial: must be in (0, 1], got {self.partial}")
         if self.scaling is not None and not isinstance(self.scaling, dict):
             raise ConfigError(f"rope.scaling: expected an object or null, got {self.scaling!r}")
+        for key, value in (self.scaling or {}).items():  # numbers (or lists of them) and flags, all finite
+            values = value if isinstance(value, list) else [value]
+            if key not in ("type", "rope_type") and not all(
+                    v is None or isinstance(v, bool) or (isinstance(v, (int, float)) and math.isfinite(v)) for v in values):
+                raise ConfigError(f"rope.scaling.{key}: must be a finite number, got {value!r}")
         kind = (self.scaling or {}).get("rope_type", (self.scaling or {}).get("type"))
         for key in _ROPE_SCALING_KEYS.get(kind, ()):
             if not isinstance(self.scaling.get(key), (int, float)) or not math.isfinite(self.scaling[key]):
@@ -263,6 +267,7 @@ class ModelConfig:
         from kvlab.per_layer_embeddings import validate_decoder_options
 
         validate_decoder_options(self)
+        check_feature_sizes(self)
         if self.n_layers > MAX_LAYERS:
             raise ConfigError(f"n_layers: {self.n_layers} is more than the {MAX_LAYERS} kvlab builds")
         if not isinstance(self.layers, list) or len(self.layers) != self.n_layers:
@@ -277,19 +282,9 @@ class ModelConfig:
             if spec.kv_quant == "int4" and spec.head_dim is None and (self.d_model // spec.n_heads) % 2:
                 raise ConfigError(f"{where}kv_quant: int4 packs two codes per byte; the inferred head_dim "
                                   f"({self.d_model // spec.n_heads}) must be even")
-            self._check_sizes(where, spec)
+            check_layer_sizes(self, where, spec)
             if spec.kv_from is not None:
                 self._validate_kv_from(i, spec)
-
-    def _check_sizes(self, where: str, spec: LayerSpec) -> None:
-        """Refuse sizes whose weight matrices would overflow ``MAX_ELEMENTS`` before anything is built."""
-        head_dim = spec.head_dim if spec.head_dim is not None else self.d_model // spec.n_heads
-        for name, product in (("vocab_size x d_model", self.vocab_size * self.d_model),
-                              ("d_model x mlp_hidden", self.d_model * (spec.mlp_hidden or self.mlp_hidden)),
-                              (f"{where}n_heads x head_dim x d_model", spec.n_heads * head_dim * self.d_model)):
-            if product > MAX_ELEMENTS:
-                raise ConfigError(f"{name}: {product:,} elements in one weight matrix, more than kvlab "
-                                  f"builds ({MAX_ELEMENTS:,})")
 
     def _validate_kv_from(self, i: int, spec: LayerSpec) -> None:
         where = f"layers[{i}].kv_from"

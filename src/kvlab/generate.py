@@ -120,6 +120,8 @@ def generate(model, input_ids, max_new_tokens: int = 32, *, attention_mask: torc
     new token of each row (None for rows already stopped). Rows stop at any of ``stop_tokens``.
     """
     _check_sampling(model, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, pad_id)
+    if cache_dtype is not None and not isinstance(cache_dtype, torch.dtype):
+        raise InputTypeError(f"cache_dtype: expected a torch.dtype (e.g. torch.bfloat16), got {cache_dtype!r}")
     if not isinstance(input_ids, torch.Tensor):
         input_ids, attention_mask = left_pad(input_ids, pad_id)
     model._check_input(input_ids, None)

@@ -40,7 +40,7 @@ def validate_hyper_connections(hc: dict | None, where: str = "hyper_connections"
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{where}.{name}: must be a positive integer, got {value!r}")
     eps = hc.get("eps", DEFAULTS["eps"])
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
         raise ConfigError(f"{where}.eps: must be a non-negative number, got {eps!r}")
 
 

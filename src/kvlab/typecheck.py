@@ -14,6 +14,7 @@ from typing import Any
 from kvlab.errors import ConfigError
 
 MAX_INT = 2**48  # no config integer is larger (a context of 2^48 tokens is far past any model)
+MAX_ELEMENTS = 2**40  # elements of one weight matrix: sizes whose product overflows this are refused
 
 _HINTS: dict[type, dict] = {}
 
@@ -65,3 +66,25 @@ def _check_value(value: Any, hint: Any, where: str) -> None:
         return
     if not ok:
         raise ConfigError(f"{where}: must be {_KINDS[base]}, got {value!r}")
+
+
+def check_feature_sizes(cfg) -> None:
+    """Bounds on the sizes inside the dict-valued features, before anything is built."""
+    hc, ple = cfg.hyper_connections or {}, cfg.per_layer_embeddings or {}
+    for name, value, high in (("hyper_connections.streams", hc.get("streams", 1), 256),
+                              ("hyper_connections.sinkhorn_iters", hc.get("sinkhorn_iters", 1), 10_000),
+                              ("per_layer_embeddings: vocab x n_layers x dim",
+                               ple.get("vocab", cfg.vocab_size) * cfg.n_layers * ple.get("dim", 0), MAX_ELEMENTS)):
+        if value > high:
+            raise ConfigError(f"{name}: {value:,} is more than kvlab builds ({high:,})")
+
+
+def check_layer_sizes(cfg, where: str, spec) -> None:
+    """Refuse sizes whose weight matrices would overflow ``MAX_ELEMENTS`` before anything is built."""
+    head_dim = spec.head_dim if spec.head_dim is not None else cfg.d_model // spec.n_heads
+    for name, product in (("vocab_size x d_model", cfg.vocab_size * cfg.d_model),
+                          ("d_model x mlp_hidden", cfg.d_model * (spec.mlp_hidden or cfg.mlp_hidden)),
+                          (f"{where}n_heads x head_dim x d_model", spec.n_heads * head_dim * cfg.d_model)):
+        if product > MAX_ELEMENTS:
+            raise ConfigError(f"{name}: {product:,} elements in one weight matrix, more than kvlab "
+                              f"builds ({MAX_ELEMENTS:,})")

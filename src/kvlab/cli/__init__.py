@@ -58,16 +58,28 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print(f"kvlab {args.command}: error: out of memory; lower the sizes asked for", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if "allocate" not in str(exc) and "out of memory" not in str(exc):
+            return _internal_error(args.command, exc)
+        print(f"kvlab {args.command}: error: out of memory ({str(exc).splitlines()[0][:120]}); lower the sizes "
+              "asked for", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"kvlab {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug in kvlab, not the user's mistake: still one line
-        if os.environ.get("KVLAB_DEBUG"):
-            raise
-        first = (str(exc).splitlines() or [""])[0][:200]
-        print(f"kvlab {args.command}: internal error: {type(exc).__name__}: {first} (please report it; "
-              "KVLAB_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return 1
+        return _internal_error(args.command, exc)
+
+
+def _internal_error(command: str, exc: Exception) -> int:
+    import os
+
+    if os.environ.get("KVLAB_DEBUG"):
+        raise exc
+    first = (str(exc).splitlines() or [""])[0][:200]
+    print(f"kvlab {command}: internal error: {type(exc).__name__}: {first} (please report it; KVLAB_DEBUG=1 "
+          "shows the traceback)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
