@@ -234,7 +234,10 @@ class Model(nn.Module):
 
     def _check_input(self, input_ids, cache) -> None:
         """Refuse, with kvlab's errors, what would otherwise fail deep inside torch. Cheap: attribute checks,
-        plus one range check (a host sync) only for multi-token inputs, never on the one-token decode path."""
+        plus one range check (a host sync) only for multi-token inputs, never on the one-token decode path.
+        Skipped while ``torch.compile`` traces (it would break the graph)."""
+        if torch.compiler.is_compiling():
+            return
         if not isinstance(input_ids, torch.Tensor):
             raise InputTypeError(f"input_ids: expected a [B, S] tensor of token ids, got {type(input_ids).__name__}")
         if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:

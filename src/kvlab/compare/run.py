@@ -5,7 +5,6 @@ timings are taken afterwards in this process alone, all variants interleaved (th
 
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -25,6 +24,7 @@ from kvlab.compare.report import markdown, plots, summarize
 from kvlab.compare.variants import DEFAULT_VARIANTS, availability, base_model, count_params, match_params
 from kvlab.errors import KvlabError
 from kvlab.machine import machine_info
+from kvlab.safe_io import dumps_finite
 
 
 def folder_name(name: str) -> str:
@@ -86,7 +86,7 @@ def compare(out: Path, budget: Budget, variants: dict[str, dict] | None = None, 
     summary["job_seconds"] = round(timing["seconds"] + sum(run.get("seconds", 0.0) for r in results.values()
                                                            if r.get("available")
                                                            for run in [*r["recall_runs"], *r["lm_runs"]]), 1)
-    text = json.dumps(summary, indent=2) + "\n"
+    text = dumps_finite(summary, indent=2) + "\n"  # a NaN is refused, never written
     atomic_write(out / "compare.json", lambda tmp: Path(tmp).write_text(text))
     table = markdown(summary)
     atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text(table))
