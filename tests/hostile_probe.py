@@ -77,11 +77,19 @@ def rep(**layer) -> dict:
 
 def build_fixtures(root: Path) -> dict:
     """A kvlab checkpoint, a trained run folder, an HF checkpoint and variants of each."""
+    import matplotlib
     from safetensors.torch import save_file
 
     import kvlab
     from kvlab.train.trainer import TrainConfig, Trainer
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401 - imported once here, not in every forked case
+    import tokenizers  # noqa: F401
+
+    from kvlab.cli import build_parser
+
+    build_parser()  # imports every command module before the forks
     fx: dict = {"root": root, "marker": root / "MARKER"}
     torch.manual_seed(0)
     model = kvlab.Model(kvlab.ModelConfig.from_dict(dict(TINY)))
@@ -522,7 +530,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 def run_case(fx: dict, name: str, what, expect: str, timeout: float = 60.0) -> str | None:
     """None when the case keeps the promise, else why not."""
     root = fx["root"]
-    before = snapshot(root)
+    before = fx.get("snapshot") or snapshot(root)  # the previous case's "after"
     stdout, stderr = root.parent / "case.out", root.parent / "case.err"
     pid = os.fork()
     if pid == 0:  # child
@@ -579,7 +587,7 @@ def run_case(fx: dict, name: str, what, expect: str, timeout: float = 60.0) -> s
     if fx["marker"].exists():
         problems.append("CODE RAN (marker file)")
         fx["marker"].unlink()
-    after = snapshot(root)
+    after = fx["snapshot"] = snapshot(root)
     gone = [p for p in before if p not in after]
     changed = [p for p in before if p in after and after[p] != before[p] and not Path(root / p).is_dir()]
     if gone:

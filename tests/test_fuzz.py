@@ -158,7 +158,7 @@ def test_generate_runs_or_fails_in_one_line(ckpt, flags, data, capsys):
         argv += ["--max-new-tokens", "2"]
     code, out, err = _run(argv, capsys)
     assert code in (0, 2) and (code == 0 or one_line(err)), (argv, err)
-    assert "nan" not in err.lower().replace("n/a", "")
+    assert code == 2 or "nan" not in err.lower().replace("n/a", "")
 
 
 @SLOW
