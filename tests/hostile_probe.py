@@ -506,7 +506,9 @@ def cases(fx: dict) -> list[tuple[str, object, str]]:
         ("plan-context-float", lambda k, m: k.plan(m.config, context=1.5)),
     ]:
         C.append((f"api-{name}", api(fn), "raise"))
-    return C
+    from hostile_second_set import second_cases
+
+    return C + second_cases(fx)
 
 
 SNAPSHOT_SKIP = ("outs", "cmp")
