@@ -6,8 +6,9 @@ import pytest
 import torch
 from helpers import build, tiny_config
 
-from kvlab.checkpoint import load, read_safetensors_file
+from kvlab.checkpoint import read_safetensors_file
 from kvlab.cli import main
+from kvlab.loading import load
 
 FLAGS = ["--calib-len", "64", "--eval-seqs", "1", "--eval-len", "96", "--chunk", "32", "--context", "128",
          "--needle-contexts", "160", "--needle-depths", "0.5", "--max-chars", "20000"]

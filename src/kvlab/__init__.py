@@ -3,9 +3,10 @@
 from kvlab import registry as _registry  # noqa: F401  (installs the technique loader; torch-free)
 from kvlab._version import __version__
 from kvlab.config import LayerSpec, ModelConfig, RopeConfig
-from kvlab.errors import ConfigError, KvlabError, UnsupportedError
+from kvlab.errors import ConfigError, InputError, InputTypeError, KvlabError, UnsupportedError
 
-__all__ = ["ConfigError", "KvlabError", "LayerSpec", "ModelConfig", "RopeConfig", "UnsupportedError",
+__all__ = ["ConfigError", "InputError", "InputTypeError", "KvlabError", "LayerSpec", "ModelConfig", "RopeConfig",
+           "UnsupportedError",
            "Model", "Cache", "load", "plan", "__version__"]
 
 

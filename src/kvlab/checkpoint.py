@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from kvlab.errors import KvlabError
 
@@ -43,10 +43,9 @@ def atomic_write(target: Path, write) -> None:
 
 def read_safetensors_file(file: Path) -> dict[str, torch.Tensor]:
     """All tensors of one safetensors file; a truncated or corrupt file is a one-line ``KvlabError``."""
-    try:
-        return load_file(str(file))
-    except Exception as exc:  # SafetensorError, OSError, ...
-        raise KvlabError(f"{file}: cannot read safetensors ({(str(exc).splitlines() or ['corrupt'])[0]})") from None
+    from kvlab.safe_io import read_safetensors
+
+    return read_safetensors(file)
 
 
 def check_state(model, state: dict[str, torch.Tensor], where: str) -> None:
@@ -60,3 +59,5 @@ def check_state(model, state: dict[str, torch.Tensor], where: str) -> None:
         if tensor.shape != expected[name].shape:
             raise KvlabError(f"{where}: {name} has shape {tuple(tensor.shape)}, config implies "
                              f"{tuple(expected[name].shape)}")
+        if tensor.is_floating_point() != expected[name].is_floating_point():
+            raise KvlabError(f"{where}: {name} is {tensor.dtype}, expected a {expected[name].dtype} tensor")

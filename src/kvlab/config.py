@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,6 +25,7 @@ from kvlab.config_options import (
     validate_per_layer_embeddings,
 )
 from kvlab.errors import ConfigError
+from kvlab.typecheck import check_feature_sizes, check_field_types, check_layer_sizes
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "float64": 8}
 
@@ -36,11 +38,15 @@ def canonical_dtype(name: str, field_name: str = "dtype") -> str:
     return name
 
 
+MAX_LAYERS = 10_000
+
+
 def _check_positive(owner: str, **values: Any) -> None:
     for name, value in values.items():
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value <= 0):
             raise ConfigError(f"{owner}{name}: must be a positive number, got {value!r}")
 
 
@@ -51,7 +57,8 @@ def _build_dataclass(cls: type, data: dict, where: str):
     names = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where}{unknown[0]}: unknown field for {cls.__name__}")
+        name = unknown[0] if str(unknown[0]).isidentifier() else repr(unknown[0])
+        raise ConfigError(f"{where}{name}: unknown field for {cls.__name__}")
     required = [f.name for f in fields(cls) if f.init and f.default is dataclasses.MISSING
                 and f.default_factory is dataclasses.MISSING and f.name not in data]
     if required:
@@ -78,14 +85,20 @@ class RopeConfig:
     max_position: int | None = None  # the model's max_position_embeddings (YaRN needs it)
 
     def __post_init__(self) -> None:
-        _check_positive("rope.", theta=self.theta)
+        check_field_types(self, "rope.")
+        _check_positive("rope.", theta=self.theta, max_position=self.max_position)
         if not 0.0 < self.partial <= 1.0:
             raise ConfigError(f"rope.partial: must be in (0, 1], got {self.partial}")
         if self.scaling is not None and not isinstance(self.scaling, dict):
             raise ConfigError(f"rope.scaling: expected an object or null, got {self.scaling!r}")
+        for key, value in (self.scaling or {}).items():  # numbers (or lists of them) and flags, all finite
+            values = value if isinstance(value, list) else [value]
+            if key not in ("type", "rope_type") and not all(
+                    v is None or isinstance(v, bool) or (isinstance(v, (int, float)) and math.isfinite(v)) for v in values):
+                raise ConfigError(f"rope.scaling.{key}: must be a finite number, got {value!r}")
         kind = (self.scaling or {}).get("rope_type", (self.scaling or {}).get("type"))
         for key in _ROPE_SCALING_KEYS.get(kind, ()):
-            if not isinstance(self.scaling.get(key), (int, float)):
+            if not isinstance(self.scaling.get(key), (int, float)) or not math.isfinite(self.scaling[key]):
                 raise ConfigError(f"rope.scaling.{key}: required for {kind} scaling, got {self.scaling.get(key)!r}")
 
     @classmethod
@@ -130,7 +143,8 @@ class LayerSpec(abc.ABC):
 
     def validate(self, where: str) -> None:
         """Check the spec; ``where`` prefixes messages (``layers[i].``). Subclasses extend."""
-        _check_positive(where, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
+        check_field_types(self, where)
+        _check_positive(where, softmax_scale=self.softmax_scale, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
                         mlp_hidden=self.mlp_hidden, kv_quant_group=self.kv_quant_group)
         for name in ("n_heads", "n_kv_heads", "head_dim", "mlp_hidden"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), int):
@@ -268,6 +282,7 @@ class ModelConfig:
 
     # ---- validation -------------------------------------------------------------------------
     def validate(self) -> None:
+        check_field_types(self)
         _check_positive("", vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
                         mlp_hidden=self.mlp_hidden, norm_eps=self.norm_eps, max_seq_len=self.max_seq_len)
         for name in ("vocab_size", "d_model", "n_layers", "mlp_hidden", "max_seq_len"):
@@ -279,6 +294,9 @@ class ModelConfig:
         validate_hyper_connections(self.hyper_connections)
         validate_decoder_options(self)
         validate_per_layer_embeddings(self.per_layer_embeddings, self.hyper_connections)
+        check_feature_sizes(self)
+        if self.n_layers > MAX_LAYERS:
+            raise ConfigError(f"n_layers: {self.n_layers} is more than the {MAX_LAYERS} kvlab builds")
         if not isinstance(self.layers, list) or len(self.layers) != self.n_layers:
             count = len(self.layers) if isinstance(self.layers, list) else type(self.layers).__name__
             raise ConfigError(f"layers: has {count} entries but n_layers is {self.n_layers}")
@@ -288,6 +306,10 @@ class ModelConfig:
             if spec.head_dim is None and self.d_model % spec.n_heads:
                 raise ConfigError(f"{where}head_dim: not given and d_model ({self.d_model}) is not "
                                   f"divisible by n_heads ({spec.n_heads})")
+            if spec.kv_quant == "int4" and spec.head_dim is None and (self.d_model // spec.n_heads) % 2:
+                raise ConfigError(f"{where}kv_quant: int4 packs two codes per byte; the inferred head_dim "
+                                  f"({self.d_model // spec.n_heads}) must be even")
+            check_layer_sizes(self, where, spec)
             if spec.kv_from is not None:
                 self._validate_kv_from(i, spec)
 
@@ -333,11 +355,8 @@ class ModelConfig:
         data = dict(data)
         data.pop("kvlab_version", None)
         layers = data.get("layers")
-        if isinstance(layers, dict) and "repeat" in layers:  # {"repeat": spec} shorthand
-            data["layers"] = [dict(layers["repeat"]) for _ in range(int(data.get("n_layers", 0)))]
-        elif isinstance(layers, dict) and "pattern" in layers:  # {"pattern": [spec, ...]} cycled
-            pattern = layers["pattern"]
-            data["layers"] = [dict(pattern[i % len(pattern)]) for i in range(int(data.get("n_layers", 0)))]
+        if isinstance(layers, dict):
+            data["layers"] = _expand_shorthand(layers, data.get("n_layers"))
         if "kv_sharing" in data:  # {"every": k} (CLA-k) or {"last": n} (Gemma 4) -> kv_from per layer
             data["layers"] = apply_kv_sharing(data.pop("kv_sharing"), data.get("layers"))
         return _build_dataclass(cls, data, "")
@@ -359,24 +378,30 @@ class ModelConfig:
         return cls.from_dict(read_config_file(path))
 
 
+def _expand_shorthand(layers: dict, n_layers: Any) -> list:
+    """``{"repeat": spec}`` or ``{"pattern": [spec, ...]}`` (cycled) -> ``n_layers`` spec dicts."""
+    if set(layers) not in ({"repeat"}, {"pattern"}):
+        raise ConfigError(f"layers: expected a list, {{\"repeat\": spec}} or {{\"pattern\": [spec, ...]}}, "
+                          f"got keys {sorted(layers)}")
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= MAX_LAYERS:
+        raise ConfigError(f"n_layers: must be an integer in 1..{MAX_LAYERS} to expand layers, got {n_layers!r}")
+    pattern = [layers["repeat"]] if "repeat" in layers else layers["pattern"]
+    if not isinstance(pattern, list) or not pattern:
+        raise ConfigError(f"layers.pattern: must be a non-empty list of layer specs, got {pattern!r}")
+    for i, spec in enumerate(pattern):
+        if not isinstance(spec, dict):
+            where = "layers.repeat" if "repeat" in layers else f"layers.pattern[{i}]"
+            raise ConfigError(f"{where}: expected a layer spec object, got {spec!r}")
+    return [dict(pattern[i % len(pattern)]) for i in range(n_layers)]
+
+
 def read_config_file(path: str | Path) -> dict:
     """Parse a JSON or YAML file into a dict, with one-line errors for missing or malformed files."""
+    from kvlab.safe_io import read_config
+
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):
         raise ConfigError(f"{path}: no such file")
-    text = path.read_text(errors="replace")
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # JSONDecodeError, yaml.YAMLError, RecursionError, ...: one line, no traceback
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({first})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object at the top level")
-    return data
+    return read_config(path)

@@ -78,7 +78,7 @@ def validate_hyper_connections(hc: dict | None, where: str = "hyper_connections"
     for name in ("streams", "sinkhorn_iters"):
         check_int(f"{where}.{name}", hc.get(name, HYPER_CONNECTION_DEFAULTS[name]))
     eps = hc.get("eps", HYPER_CONNECTION_DEFAULTS["eps"])
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
         raise ConfigError(f"{where}.eps: must be a non-negative number, got {eps!r}")
 
 

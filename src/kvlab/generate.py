@@ -6,13 +6,14 @@ front) and no copy of past K/V; sampling is greedy, or temperature / top-k / top
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from kvlab.errors import KvlabError
+from kvlab.errors import InputError, InputTypeError, KvlabError
 
 
 @dataclass
@@ -24,10 +25,11 @@ class GenerationStats:
     peak_cache_bytes: int
 
     @property
-    def decode_tokens_per_s(self) -> float:
-        """Decoded tokens per second per sequence (steps after the first token / decode time)."""
+    def decode_tokens_per_s(self) -> float | None:
+        """Decoded tokens per second per sequence (steps after the first token / decode time); None when
+        nothing was decoded after the first token (there is no rate to report)."""
         steps = max(self.new_tokens - 1, 0)
-        return steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+        return steps / self.decode_seconds if steps and self.decode_seconds > 0 else None
 
 
 @dataclass
@@ -40,7 +42,15 @@ class GenerationResult:
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Lists of token ids of different lengths -> ``input_ids [B, L]`` and a 0/1 mask (None if equal)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise InputTypeError("input_ids: expected a [B, L] tensor or a list of token-id lists")
+    for row, prompt in enumerate(prompts):
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+            raise InputTypeError(f"input_ids[{row}]: expected a list of token ids, got {type(prompt).__name__}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            bad = next(t for t in prompt if not isinstance(t, int) or isinstance(t, bool))
+            raise InputTypeError(f"input_ids[{row}]: token ids must be integers, got {bad!r}")
+    if any(len(p) == 0 for p in prompts):
         raise KvlabError("generate: every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
@@ -70,6 +80,33 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _check_sampling(model, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, pad_id) -> None:
+    """Refuse bad generation settings at the entry, with kvlab's errors (not torch's from a later step)."""
+    def integer(name, value, low, high=2**63 - 1):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputTypeError(f"{name}: must be an integer, got {value!r}")
+        if not low <= value <= high:
+            raise InputError(f"{name}: must be in {low}..{high}, got {value}")
+
+    integer("max_new_tokens", max_new_tokens, 0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise InputTypeError(f"temperature: must be a number, got {temperature!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InputError(f"temperature: must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None:
+        integer("top_k", top_k, 0)
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise InputError(f"top_p: must be a number in (0, 1], got {top_p!r}")
+    if seed is not None:
+        integer("seed", seed, 0, 2**64 - 1)
+    if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, (Sequence, set, frozenset)):
+        raise InputTypeError(f"stop_tokens: expected a list of token ids, got {stop_tokens!r}")
+    for token in stop_tokens:
+        integer("stop_tokens", token, 0)
+    integer("pad_id", pad_id, 0, model.config.vocab_size - 1)
+
+
 @torch.inference_mode()
 def generate(model, input_ids, max_new_tokens: int = 32, *, attention_mask: torch.Tensor | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -82,12 +119,17 @@ def generate(model, input_ids, max_new_tokens: int = 32, *, attention_mask: torc
     token-id lists of any lengths (left-padded here). ``stream`` is called after every step with the
     new token of each row (None for rows already stopped). Rows stop at any of ``stop_tokens``.
     """
-    if max_new_tokens < 0:
-        raise KvlabError("max_new_tokens: must be >= 0")
+    _check_sampling(model, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, pad_id)
+    if cache_dtype is not None and not isinstance(cache_dtype, torch.dtype):
+        raise InputTypeError(f"cache_dtype: expected a torch.dtype (e.g. torch.bfloat16), got {cache_dtype!r}")
     if not isinstance(input_ids, torch.Tensor):
         input_ids, attention_mask = left_pad(input_ids, pad_id)
+    model._check_input(input_ids, None)
     input_ids = input_ids.to(model.device)
     batch, prompt_len = input_ids.shape
+    if prompt_len + max_new_tokens > model.config.max_seq_len:
+        raise InputError(f"generate: prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's max_seq_len ({model.config.max_seq_len})")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
@@ -99,6 +141,8 @@ def generate(model, input_ids, max_new_tokens: int = 32, *, attention_mask: torc
     t0 = time.perf_counter()
     logits = model(input_ids, cache=cache, attention_mask=attention_mask, last_only=True)[:, -1]
     prefill_seconds = time.perf_counter() - t0
+    if not bool(torch.isfinite(logits).all()):  # once, after the prefill: never a silently wrong token
+        raise KvlabError("generate: the model's logits for the prompt are not finite (NaN or inf weights?)")
     peak = cache.nbytes
     t1 = time.perf_counter()
     for step in range(max_new_tokens):

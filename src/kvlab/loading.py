@@ -101,21 +101,14 @@ def read_hf_checkpoint(path: Path, hf: dict, dtype: str | None) -> tuple[ModelCo
 
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF folder: the shards its index names, or every ``*.safetensors`` file."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_config_file(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise KvlabError(f"{index}: no 'weight_map' object")
-        files = sorted(set(map(str, weight_map.values())))
-        if any(Path(name).name != name for name in files):
-            raise KvlabError(f"{index}: shard names must be plain file names in the folder")
-    else:
-        files = [f.name for f in sorted(path.glob("*.safetensors"))]
+    from kvlab.safe_io import weight_files
+
+    files = weight_files(path)  # an index's shard names must stay inside the folder
     if not files:
         raise KvlabError(f"{path}: no .safetensors weights found")
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(read_safetensors_file(path / name))
+    for file in files:
+        state.update(read_safetensors_file(file))
     return state
 
 

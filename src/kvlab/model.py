@@ -12,7 +12,7 @@ from torch import nn
 from kvlab.attention._common import ForwardContext
 from kvlab.cache import Cache
 from kvlab.config import ModelConfig
-from kvlab.errors import KvlabError, UnsupportedError
+from kvlab.errors import InputError, InputTypeError, KvlabError, UnsupportedError
 from kvlab.hyper_connections import HyperConnection, HyperHead, widen
 from kvlab.mlp import GatedMLP
 from kvlab.norms import RMSNorm
@@ -21,6 +21,7 @@ from kvlab.registry import get_technique
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "float64": torch.float64}
+ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def build_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
@@ -90,6 +91,10 @@ def column_major_(linear: nn.Linear) -> None:
 def pad_offsets(attention_mask: torch.Tensor) -> torch.Tensor | None:
     """Leading zeros per row of a 0/1 mask ``[B, S]``; None when no row is left-padded. Interior zeros
     are refused (only left and right padding are meaningful for a causal decoder)."""
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise InputTypeError(f"attention_mask: expected 0/1 integers or booleans, got {attention_mask.dtype}")
+    if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise InputError("attention_mask: values must be 0 (padding) or 1 (token)")
     mask = attention_mask.to(torch.bool)
     offsets = (~mask).int().cumprod(dim=1).sum(dim=1).long()  # leading zeros
     seq = mask.shape[1]
@@ -189,11 +194,27 @@ class Model(nn.Module):
 
     def new_cache(self, batch_size: int = 1, max_length: int | None = None,
                   dtype: torch.dtype | None = None) -> Cache:
-        """An empty cache for ``batch_size`` rows; ``max_length`` preallocates room for that many tokens."""
+        """An empty cache for ``batch_size`` rows; ``max_length`` preallocates room for that many tokens
+        (refused up front, with the planner's estimate, when it would not fit in memory)."""
+        for name, value, low in (("batch_size", batch_size, 1), ("max_length", max_length or 0, 0)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InputTypeError(f"new_cache: {name} must be an integer, got {value!r}")
+            if value < low:
+                raise InputError(f"new_cache: {name} must be >= {low}, got {value}")
+        if max_length and batch_size * max_length >= 2**16 and self.device.type != "meta":
+            from kvlab.planner import plan
+            from kvlab.safe_io import check_memory
+
+            elem = torch.empty((), dtype=dtype or self.dtype).element_size()
+            need = plan(self.config, context=max_length, batch=batch_size, dtype={4: "float32", 2: "bfloat16",
+                        8: "float64"}.get(elem)).total_bytes
+            check_memory(need, f"a cache of {batch_size} x {max_length:,} tokens", "ask for fewer tokens",
+                         self.device)
         built: list = []
         for block in self.layers:
             built.append(block.self_attn.new_cache_layer(batch_size, dtype or self.dtype, self.device, built))
         cache = Cache(built, batch_size)
+        cache.built_for = self.config  # forward refuses a cache built for another model
         if max_length:
             cache.reserve(max_length)
         return cache
@@ -207,11 +228,15 @@ class Model(nn.Module):
         cover the new tokens or everything so far; padding must be on the left for cached decoding.
         ``last_only``: logits of the last position only, ``[B, 1, vocab]`` (a prefill needs no more).
         ``trace``: a dict the layers record into (``(layer, name) -> value``: the kernel used, entries read)."""
+        self._check_input(input_ids, cache)
         batch, seq = input_ids.shape
         start = cache.step if cache is not None else 0
         pad = self._pad_offset(attention_mask, cache, batch, seq)
         ctx = ForwardContext(batch, seq, start, pad, input_ids.device, trace)
-        h = self.embed(input_ids)
+        try:
+            h = self.embed(input_ids)
+        except IndexError:  # a one-token step skips the range check below: the lookup itself refuses
+            raise InputError(f"input_ids: token ids must be in [0, {self.config.vocab_size})") from None
         if self.per_layer_embeddings is not None:
             ctx.per_layer_inputs = self.per_layer_embeddings(input_ids, h)  # [B, S, L, P]
         if self.hc_head is not None:
@@ -232,6 +257,34 @@ class Model(nn.Module):
             cap = self.config.logit_softcap
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def _check_input(self, input_ids, cache) -> None:
+        """Refuse, with kvlab's errors, what would otherwise fail deep inside torch. Cheap: attribute checks,
+        plus one range check (a host sync) only for multi-token inputs, never on the one-token decode path.
+        Skipped while ``torch.compile`` traces (it would break the graph)."""
+        if torch.compiler.is_compiling():
+            return
+        if not isinstance(input_ids, torch.Tensor):
+            raise InputTypeError(f"input_ids: expected a [B, S] tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+            raise InputError(f"input_ids: expected shape [B, S] with B, S >= 1, got {list(input_ids.shape)}")
+        if input_ids.dtype not in ID_DTYPES:
+            raise InputTypeError(f"input_ids: expected integer token ids, got {input_ids.dtype}")
+        if cache is not None:
+            if not isinstance(cache, Cache):
+                raise InputTypeError(f"cache: expected a kvlab Cache (model.new_cache()), got {type(cache).__name__}")
+            built_for = getattr(cache, "built_for", self.config)
+            if len(cache.layers) != self.config.n_layers or (built_for is not self.config and built_for != self.config):
+                raise InputError("cache: built for another model; make one with this model's new_cache()")
+        if input_ids.shape[1] > 1:  # a prompt or a full forward (the decode path skips this)
+            end = (cache.step if cache is not None else 0) + input_ids.shape[1]
+            if end > self.config.max_seq_len:
+                raise InputError(f"input_ids: {end:,} tokens exceed the model's max_seq_len "
+                                 f"({self.config.max_seq_len:,})")
+            low, high = torch.aminmax(input_ids)
+            if int(low) < 0 or int(high) >= self.config.vocab_size:
+                raise InputError(f"input_ids: token ids must be in [0, {self.config.vocab_size}), got "
+                                 f"{int(low) if int(low) < 0 else int(high)}")
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)

@@ -69,8 +69,15 @@ class JsonTokenizer(TokenizersTokenizer):
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer
 
+        from kvlab.errors import KvlabError
+        from kvlab.safe_io import MAX_JSON_BYTES, read_text
+
         self.path = Path(path)
-        inner = Tokenizer.from_file(str(path))
+        text = read_text(self.path, MAX_JSON_BYTES, "tokenizer.json")
+        try:
+            inner = Tokenizer.from_str(text)
+        except Exception as exc:  # the tokenizers library raises a bare Exception
+            raise KvlabError(f"{path}: not a valid tokenizer.json ({(str(exc).splitlines() or ['?'])[0]})") from None
         extra = hf_tokenizer_config(self.path.parent / "tokenizer_config.json")
         eos = extra.get("eos_token")
         stops = [inner.token_to_id(eos)] if eos and inner.token_to_id(eos) is not None else []
@@ -155,7 +162,7 @@ def load_tokenizer(source: str | Path, vocab_size: int | None = None):
 
         if "tokenizer.ggml.tokens" in read_gguf_metadata(gguf)[0]:
             return gguf_tokenizer(gguf)
-    elif path.exists():
+    elif path.exists() or path.is_symlink():  # a link is refused by the safe reader, not skipped
         return JsonTokenizer(path)
     if vocab_size is not None and vocab_size < 256:
         from kvlab.errors import KvlabError

@@ -25,8 +25,26 @@ def add_parser(sub):
     p.add_argument("--corpus", help="text file, folder or JSONL (default: this Python's standard library)")
     p.add_argument("--device", help="cpu (default), cuda, ...")
     p.add_argument("--workers", type=positive_int, help="training processes side by side (default 2; 1 on GPUs)")
-    p.add_argument("--contexts", type=token_counts, help="contexts for KV bytes and speed")
+    p.add_argument("--contexts", type=token_counts, help="contexts for KV bytes and speed (at most 128K)")
     return p
+
+
+def _check_variant(path: str, data: dict) -> dict:
+    """A ``--variants`` file must be a config kvlab can build and run: refused (one line) otherwise, before
+    any training, rather than reported later as an empty row."""
+    import torch
+
+    from kvlab.config import ModelConfig
+    from kvlab.errors import KvlabError
+    from kvlab.model import Model
+
+    try:
+        config = ModelConfig.from_dict(data)
+        with torch.device("meta"):
+            Model(config)
+    except KvlabError as exc:
+        raise KvlabError(f"--variants: {path}: {exc}") from None
+    return data
 
 
 def run(args) -> int:
@@ -47,6 +65,8 @@ def run(args) -> int:
             setattr(budget, name, getattr(args, name))
     if args.corpus and not Path(args.corpus).exists():
         raise KvlabError(f"--corpus: {args.corpus}: no such file or folder")
+    if args.contexts and max(args.contexts) > 2**17:
+        raise KvlabError(f"--contexts: {max(args.contexts):,} tokens; compare measures contexts up to 131,072")
     if args.tokens:
         budget.steps = max(1, args.tokens // (budget.batch * budget.seq))
         budget.lm_steps = max(1, args.tokens // (budget.lm_batch * budget.lm_seq))
@@ -59,7 +79,7 @@ def run(args) -> int:
             if Path(path).stem in variants:
                 raise KvlabError(f"--variants: two configs are named {Path(path).stem!r}; rename one (the file "
                                  "name labels its row)")
-            variants[Path(path).stem] = read_config_file(path)
+            variants[Path(path).stem] = _check_variant(path, read_config_file(path))
     out = Path(args.out)
     if args.corpus:
         budget.corpus = str(Path(args.corpus).resolve())

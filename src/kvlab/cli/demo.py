@@ -4,6 +4,8 @@ checked against the planner, with a short generation from each."""
 
 from __future__ import annotations
 
+from kvlab.cli._args import int_range
+
 DEMO_LAYERS = {  # technique label -> one layer spec at d_model 256 (8 query heads of dim 32)
     "MHA": {"type": "full", "n_heads": 8},
     "GQA-4": {"type": "full", "n_heads": 8, "n_kv_heads": 2},
@@ -17,7 +19,8 @@ DEMO_LAYERS = {  # technique label -> one layer spec at d_model 256 (8 query hea
 
 def add_parser(sub):
     p = sub.add_parser("demo", help="a quick tour: plan released models, measure kvlab caches, generate")
-    p.add_argument("--context", type=int, default=2048, help="tokens held by the small models (default 2048)")
+    p.add_argument("--context", type=int_range(64, 8192), default=2048,
+                   help="tokens held by the small models, 64..8192 (default 2048)")
     return p
 
 
@@ -50,6 +53,7 @@ def _measure_techniques(context: int) -> None:
     for label, layer in DEMO_LAYERS.items():
         try:
             config = ModelConfig.from_dict({"vocab_size": 512, "d_model": 256, "n_layers": 4, "mlp_hidden": 512,
+                                            "max_seq_len": max(4096, context + 1),
                                             "layers": [dict(layer) for _ in range(4)]})
             torch.manual_seed(0)
             model = Model(config).eval()

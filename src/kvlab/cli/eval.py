@@ -4,10 +4,9 @@ or a named model (``kvlab eval smollm2-135m``: perplexity in nats/token and bits
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from kvlab.cli._args import check_new_file, token_counts
+from kvlab.cli._args import check_new_file, int_range, positive_int, token_counts
 from kvlab.data.recall import LAYOUTS
 
 
@@ -19,18 +18,18 @@ def add_parser(sub):
     p.add_argument("checkpoint", help="checkpoint folder (e.g. RUN_DIR/checkpoint), GGUF file or named model")
     p.add_argument("--corpus", help="held-out text: file, folder or JSONL (default: the stdlib test split)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="corpus split (default test)")
-    p.add_argument("--max-chars", type=int, default=2_000_000, help="characters of the split to read")
-    p.add_argument("--seq", type=int, default=256, help="perplexity window length (default 256)")
-    p.add_argument("--windows", type=int, default=16, help="perplexity windows (default 16)")
+    p.add_argument("--max-chars", type=positive_int, default=2_000_000, help="characters of the split to read")
+    p.add_argument("--seq", type=int_range(1, 2**31), default=256, help="perplexity window length (default 256)")
+    p.add_argument("--windows", type=int_range(1, 2**20), default=16, help="perplexity windows (default 16)")
     p.add_argument("--no-ppl", action="store_true", help="skip perplexity (e.g. a recall-task model)")
     p.add_argument("--recall-lengths", type=token_counts, help="recall accuracy at these sequence lengths")
-    p.add_argument("--recall-pairs", type=int, default=8, help="key-value pairs per recall row (default 8)")
-    p.add_argument("--recall-alphabet", type=int, help="distinct keys/values (default: as the vocab allows)")
+    p.add_argument("--recall-pairs", type=positive_int, default=8, help="key-value pairs per recall row (default 8)")
+    p.add_argument("--recall-alphabet", type=int_range(2), help="distinct keys/values (default: as the vocab allows)")
     p.add_argument("--recall-layout", choices=LAYOUTS, default="pairs",
                    help="pairs (k v tokens, default) or fused (one token per pair)")
-    p.add_argument("--context", type=token_counts, default=[64, 256, 1024],
-                   help="contexts for KV bytes and speed (default 64,256,1024)")
-    p.add_argument("--decode-steps", type=int, default=16, help="decode steps timed per context")
+    p.add_argument("--context", type=token_counts, default=None,
+                   help="contexts for KV bytes and speed (default: those of 64,256,1024 the model holds)")
+    p.add_argument("--decode-steps", type=int_range(1, 2**20), default=16, help="decode steps timed per context")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -43,11 +42,13 @@ def run(args) -> int:
     from kvlab.checkpoint import atomic_write
     from kvlab.eval import evaluate as ev
     from kvlab.loading import load
+    from kvlab.safe_io import dumps_finite
 
     if args.out:
         check_new_file(args.out, args.force)
     torch.manual_seed(0)
     model = load(args.checkpoint).eval()
+    _check_lengths(args, model.config.max_seq_len)
     result: dict = {"checkpoint": str(args.checkpoint), "params": model.num_parameters()}
     if not args.no_ppl:
         from kvlab.data.corpus import encode_texts, load_corpus
@@ -67,8 +68,21 @@ def run(args) -> int:
     ctx = list(result["speed"])
     result["prefill_exponent"] = ev.scaling_exponent(ctx, [result["speed"][n]["prefill_s"] for n in ctx])
     result["decode_exponent"] = ev.scaling_exponent(ctx, [1 / result["speed"][n]["decode_tok_s"] for n in ctx])
-    text = json.dumps(result, indent=2)
+    text = dumps_finite(result, indent=2)  # a NaN is refused, never reported
     if args.out:
         atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))
     print(text if args.json else ev.format_report(result))
     return 0
+
+
+def _check_lengths(args, max_seq_len: int) -> None:
+    """Every length asked for fits the model (a longer window or context is refused, not extrapolated)."""
+    from kvlab.errors import KvlabError
+
+    if args.context is None:
+        args.context = [n for n in (64, 256, 1024) if n <= max_seq_len] or [max_seq_len]
+    asked = [("--seq", (0 if args.no_ppl else args.seq)), ("--context", max(args.context)),
+             ("--recall-lengths", max(args.recall_lengths or [0]))]
+    for flag, length in asked:
+        if length > max_seq_len:
+            raise KvlabError(f"{flag}: {length:,} tokens exceed the model's max_seq_len ({max_seq_len:,})")

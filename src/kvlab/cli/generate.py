@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+from kvlab.cli._args import float_range, int_range, nonneg_int, seed_int
+
 
 def add_parser(sub):
     p = sub.add_parser("generate", help="generate text from a checkpoint")
@@ -13,12 +15,12 @@ def add_parser(sub):
                    "(kvlab models)")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--ids", action="append", help="prompt as comma-separated token ids (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", type=int, action="append", default=[], help="stop token id (repeatable)")
+    p.add_argument("--max-new-tokens", type=nonneg_int, default=64)
+    p.add_argument("--temperature", type=float_range(0.0, 1e6), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=nonneg_int, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float_range(0.0, 1.0, low_open=True), help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=seed_int)
+    p.add_argument("--stop", type=int_range(0, 2**40), action="append", default=[], help="stop token id (repeatable)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to each --prompt")
     p.add_argument("--system", help="system message for --chat (default: the template's own)")
     return p
@@ -43,12 +45,20 @@ def run(args) -> int:
         prompts = [tokenizer.encode(tokenizer.apply_chat_template(system + [{"role": "user", "content": p}]))
                    for p in args.prompt]
     elif args.prompt:
+        for text in args.prompt:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise KvlabError("--prompt: not valid UTF-8 text (give raw token ids with --ids)") from None
         prompts = [tokenizer.encode(p) for p in args.prompt]
     else:
         raise KvlabError("give --prompt TEXT or --ids 1,2,3")
     for ids in prompts:
         if not ids or max(ids) >= model.config.vocab_size or min(ids) < 0:
             raise KvlabError(f"prompt token ids must be in [0, {model.config.vocab_size})")
+        if len(ids) + args.max_new_tokens > model.config.max_seq_len:
+            raise KvlabError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the "
+                             f"model's max_seq_len ({model.config.max_seq_len})")
     stream = None
     if len(prompts) == 1:
         decoder = StreamDecoder(tokenizer)
@@ -67,6 +77,7 @@ def run(args) -> int:
     else:
         print(flush=True)
     s = result.stats
-    print(f"[prefill {s.prompt_tokens} tokens in {s.prefill_seconds:.3f}s, decode {s.decode_tokens_per_s:.1f} "
+    rate = "n/a" if s.decode_tokens_per_s is None else f"{s.decode_tokens_per_s:.1f}"
+    print(f"[prefill {s.prompt_tokens} tokens in {s.prefill_seconds:.3f}s, decode {rate} "
           f"tok/s, peak cache {s.peak_cache_bytes:,} B]", file=sys.stderr)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from kvlab.cli._args import byte_size, token_counts
+from kvlab.cli._args import byte_size, int_range, token_counts
 
 
 def add_parser(sub):
@@ -18,7 +18,7 @@ def add_parser(sub):
     p.add_argument("--context", type=token_counts, default=[4096, 32768, 131072],
                    help="comma-separated context lengths (K = 1024, M = 1024^2); default 4K,32K,128K")
     p.add_argument("--dtype", help="cache dtype (default: the config's; bf16 for presets)")
-    p.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
+    p.add_argument("--batch", type=int_range(1, 2**31), default=1, help="sequences held at once (default 1)")
     p.add_argument("--budget", type=byte_size, help="memory for weights + caches (e.g. 80GiB): how many "
                    "sequences fit")
     p.add_argument("--per-layer", action="store_true", help="add a per-layer breakdown")

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from kvlab.cli._args import int_range
 from kvlab.errors import KvlabError
+
+BYTES_PER_PAIR = 24  # the bool mask, the int64 positions it is computed from, the float image matplotlib draws
 
 
 def add_parser(sub):
@@ -14,9 +17,10 @@ def add_parser(sub):
                        "for a kvlab config, HF config.json, checkpoint folder or preset.")
     p.add_argument("config", nargs="?", help="kvlab config, HF config.json or checkpoint folder")
     p.add_argument("--preset", help="a built-in preset instead of CONFIG")
-    p.add_argument("--layer", type=int, default=0, help="layer index (default 0)")
-    p.add_argument("--seq", type=int, default=64, help="sequence length drawn (default 64)")
-    p.add_argument("--out", default="mask.png", help="PNG path (default mask.png)")
+    p.add_argument("--layer", type=int_range(-2**31, 2**31), default=0, help="layer index (default 0)")
+    p.add_argument("--seq", type=int_range(1, 2**31), default=64, help="sequence length drawn (default 64)")
+    p.add_argument("--out", default="mask.png", help="image path: .png (added when no suffix), .pdf or .svg "
+                   "(default mask.png)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     return p
 
@@ -33,18 +37,19 @@ def run(args) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kvlab.cli._args import check_new_file
+    from kvlab.outputs import output_file
     from kvlab.planner import resolve_config
+    from kvlab.safe_io import check_memory
 
     source = args.config or args.preset
     if not source:
         raise KvlabError("give CONFIG or --preset NAME")
-    check_new_file(args.out, args.force)
+    out = output_file(args.out, args.force, suffixes=(".png", ".pdf", ".svg"))  # the name really written
+    check_memory(BYTES_PER_PAIR * args.seq**2, f"--seq {args.seq:,}: a {args.seq:,} x {args.seq:,} mask",
+                 "draw fewer tokens")
     config = resolve_config(source)
     if not 0 <= args.layer < config.n_layers:
         raise KvlabError(f"--layer: must be in 0..{config.n_layers - 1}, got {args.layer}")
-    if args.seq < 1:
-        raise KvlabError(f"--seq: must be positive, got {args.seq}")
     spec = config.layer(args.layer)
     mask, caption = attention_pattern(spec, args.seq)
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
@@ -54,7 +59,7 @@ def run(args) -> int:
     density = mask.sum().item() / (args.seq * (args.seq + 1) / 2)
     ax.set_title(f"layer {args.layer}: {caption}\n{density:.0%} of causal pairs", fontsize=9)
     fig.tight_layout()
-    fig.savefig(args.out)
+    fig.savefig(out)
     plt.close(fig)
-    print(f"wrote {args.out} ({caption}, {args.seq} tokens, {density:.1%} of causal pairs)")
+    print(f"wrote {out} ({caption}, {args.seq} tokens, {density:.1%} of causal pairs)")
     return 0

@@ -7,13 +7,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from kvlab.cli._args import float_range, int_range, nonneg_int, positive_float, positive_int, seed_int
 from kvlab.data.recall import LAYOUTS
 from kvlab.train.trainer import TrainConfig
 
 # CLI flag -> TrainConfig field; None defaults mean "the saved value on --resume, else the dataclass default"
-_FIELDS = {"steps": int, "batch": int, "seq": int, "lr": float, "warmup": int, "grad_accum": int, "clip": float,
-           "weight_decay": float, "eval_every": int, "eval_batches": int, "save_every": int, "seed": int,
-           "task": str, "recall_pairs": int, "recall_alphabet": int, "recall_layout": str, "device": str}
+_FIELDS = {"steps": positive_int, "batch": int_range(1, 2**31), "seq": int_range(1, 2**31), "lr": positive_float,
+           "warmup": nonneg_int, "grad_accum": positive_int, "clip": positive_float,
+           "weight_decay": float_range(0.0, 10.0), "eval_every": positive_int, "eval_batches": positive_int,
+           "save_every": positive_int, "seed": seed_int, "task": str, "recall_pairs": positive_int,
+           "recall_alphabet": int_range(2), "recall_layout": str, "device": str}
 
 
 def add_parser(sub):
@@ -27,8 +30,8 @@ def add_parser(sub):
                    "(default: this Python's standard library)")
     p.add_argument("--tokenizer", default=None, help="byte (default), bpe (trained here and cached), or a "
                    "folder/file holding a tokenizer.json; the model's vocab_size follows the tokenizer")
-    p.add_argument("--vocab", type=int, default=8192, help="BPE vocabulary size (default 8192)")
-    p.add_argument("--max-chars", type=int, help="use at most this many characters per corpus split")
+    p.add_argument("--vocab", type=int_range(257, 2**22), help="BPE vocabulary size (default 8192)")
+    p.add_argument("--max-chars", type=positive_int, help="use at most this many characters per corpus split")
     for name, kind in _FIELDS.items():
         flag = "--" + name.replace("_", "-")
         if name == "task":
@@ -42,7 +45,7 @@ def add_parser(sub):
     p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
     p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--stop-after", type=int, help="stop after this many steps in this invocation (the "
+    p.add_argument("--stop-after", type=positive_int, help="stop after this many steps in this invocation (the "
                    "schedule still targets --steps; resume later)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -56,12 +59,15 @@ def run(args) -> int:
     out = Path(args.out)
     saved: dict = {}
     if args.resume:
+        if args.force:
+            raise KvlabError("--resume continues the run in --out and --force replaces it: give one of them")
         if not (out / "train_config.json").exists():
             raise KvlabError(f"{out}: not a kvlab run folder (no train_config.json)")
         saved = read_config_file(out / "train_config.json")
         config_source = out / CHECKPOINT
         if not (config_source / "config.json").exists():
             config_source = out / ".checkpoint.old"
+        _refuse_changes(args, saved, config_source)
     elif not args.config:
         raise KvlabError("--config is required (unless --resume)")
     else:
@@ -76,7 +82,7 @@ def run(args) -> int:
     corpus = str(Path(args.corpus).resolve()) if args.corpus else None  # resumable from any folder
     meta = {"config": str(config_source), "corpus": saved.get("corpus", corpus),
             "tokenizer": saved.get("tokenizer", args.tokenizer or "byte"),
-            "vocab": saved.get("vocab", args.vocab), "max_chars": saved.get("max_chars", args.max_chars)}
+            "vocab": saved.get("vocab", args.vocab or 8192), "max_chars": saved.get("max_chars", args.max_chars)}
     train_ids = val_ids = tokenizer_file = None
     if cfg.task == "lm":
         tokenizer, train_ids, val_ids, tokenizer_file = prepare_lm(
@@ -97,6 +103,30 @@ def run(args) -> int:
 
         dist.destroy_process_group()
     return 0
+
+
+def _refuse_changes(args, saved: dict, config_source: Path) -> None:
+    """A resumed run keeps its model, data and tokenizer: a flag that asks for another one is refused
+    (rather than silently ignored). Training flags (--steps, --lr, ...) may change."""
+    from kvlab.config import ModelConfig, read_config_file
+    from kvlab.errors import KvlabError
+
+    if args.config:
+        mine = ModelConfig.from_dict(read_config_file(args.config)).to_dict()
+        theirs = ModelConfig.from_dict(read_config_file(config_source)).to_dict()
+        if saved.get("train", {}).get("task", "lm") == "lm":  # the tokenizer sets the vocabulary
+            mine["vocab_size"] = theirs["vocab_size"]
+        if mine != theirs:
+            changed = sorted(k for k in theirs if mine.get(k) != theirs.get(k))
+            raise KvlabError(f"--config: differs from the run's config ({', '.join(changed)}); a resumed run keeps "
+                             "its config: drop --config, or start a new run")
+    given = {"corpus": str(Path(args.corpus).resolve()) if args.corpus else None, "tokenizer": args.tokenizer,
+             "vocab": args.vocab, "max_chars": args.max_chars}
+    for name, value in given.items():
+        if value is not None and value != saved.get(name):
+            flag = "--" + name.replace("_", "-")
+            raise KvlabError(f"{flag}: the run in {args.out} used {saved.get(name)!r}, not {value!r}; a resumed run "
+                             f"keeps its data: drop {flag}, or start a new run")
 
 
 def prepare_lm(corpus: str | None, tokenizer: str, vocab: int, max_chars: int | None,

@@ -5,7 +5,6 @@ timings are taken afterwards in this process alone, all variants interleaved (th
 
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -25,6 +24,7 @@ from kvlab.compare.report import markdown, plots, summarize
 from kvlab.compare.variants import DEFAULT_VARIANTS, availability, base_model, count_params, match_params
 from kvlab.errors import KvlabError
 from kvlab.machine import machine_info
+from kvlab.safe_io import dumps_finite
 
 
 def folder_name(name: str) -> str:
@@ -53,16 +53,19 @@ def _fit(name: str, config: dict, budget: Budget, log) -> dict:
 
 def compare(out: Path, budget: Budget, variants: dict[str, dict] | None = None, log=print) -> dict:
     """Run (or resume) a comparison into ``out``; returns the summary also written to compare.json."""
+    from kvlab.outputs import adopt_output_dir, record_output
+
     started = time.perf_counter()
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "variants").is_dir())):
-        raise KvlabError(f"{out}: exists and is not a kvlab compare folder; refusing to write into it")
-    out.mkdir(parents=True, exist_ok=True)
+    adopt_output_dir(out, "compare folder", legacy=("variants",))  # ours (manifest), empty or absent
     if variants is None:
         variants, needs = default_variants(budget)
     else:
         variants = {name: _fit(name, config, budget, log) for name, config in variants.items()}
         needs = {name: () for name in variants}
     runnable, results = _match(variants, needs, log)
+    if not runnable:
+        raise KvlabError("compare: no variant can be run (" + "; ".join(f"{n}: {r['why']}" for n, r in results.items())
+                         + ")")
     jobs = [(name, task, seed) for name in runnable for task in TASKS for seed in range(budget.seeds)]
     trained = _train_all(runnable, jobs, budget, out, log)
     timing = _speed(runnable, budget, out, log)
@@ -83,11 +86,14 @@ def compare(out: Path, budget: Budget, variants: dict[str, dict] | None = None, 
     summary["job_seconds"] = round(timing["seconds"] + sum(run.get("seconds", 0.0) for r in results.values()
                                                            if r.get("available")
                                                            for run in [*r["recall_runs"], *r["lm_runs"]]), 1)
-    text = json.dumps(summary, indent=2) + "\n"
+    text = dumps_finite(summary, indent=2) + "\n"  # a NaN is refused, never written
     atomic_write(out / "compare.json", lambda tmp: Path(tmp).write_text(text))
     table = markdown(summary)
     atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text(table))
     plots(summary, out)
+    written = [p.relative_to(out).as_posix() for p in [out / "compare.json", out / "compare.md", out / "speed.json",
+               *out.glob("*.png"), *(out / "variants").rglob("*")] if p.is_file() and not p.is_symlink()]
+    record_output(out, *written)  # kvlab's own files in its own folder: what a later --force may remove
     return summary
 
 

@@ -73,7 +73,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         return config
     except KeyError as exc:
         raise ConfigError(f"{where}: missing field {exc.args[0]!r}") from None
-    except (TypeError, ValueError, AttributeError) as exc:
+    except (TypeError, ValueError, AttributeError, ArithmeticError) as exc:
         if isinstance(exc, KvlabError):
             raise
         raise ConfigError(f"{where}: invalid value ({exc})") from None
@@ -85,6 +85,17 @@ def hf_get(hf: dict, *names, default=None):
         if hf.get(name) is not None:
             return hf[name]
     return default
+
+
+def hf_flag(hf: dict, name: str, default: bool = False) -> bool:
+    """A boolean HF field: absent or null -> ``default``; anything but true/false (``"false"``, 1) is refused
+    rather than read as truthy."""
+    value = hf.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"config.json: {name}: must be true or false, got {value!r}")
+    return value
 
 
 def hf_rope(hf: dict):

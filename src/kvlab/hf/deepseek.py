@@ -13,7 +13,7 @@ import torch
 
 from kvlab.config import ModelConfig
 from kvlab.errors import UnsupportedError
-from kvlab.hf import hf_get, hf_rope, register_family
+from kvlab.hf import hf_flag, hf_get, hf_rope, register_family
 from kvlab.hf.llama import decoder_config, strip_model_prefix
 
 
@@ -34,9 +34,9 @@ def deepseek_state(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[
 @register_family("deepseek_v3", convert_state=deepseek_state)
 def deepseek_v3_config(hf: dict) -> ModelConfig:
     n_layers = hf["num_hidden_layers"]
-    bias = bool(hf.get("attention_bias", False))
+    bias = hf_flag(hf, "attention_bias", False)
     rope = hf_rope(hf)
-    rope.interleaved = bool(hf.get("rope_interleave", True))
+    rope.interleaved = hf_flag(hf, "rope_interleave", True)
     spec = {
         "type": "mla",
         "n_heads": hf["num_attention_heads"],

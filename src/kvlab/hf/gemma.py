@@ -18,8 +18,8 @@ import re
 import torch
 
 from kvlab.config import ModelConfig
-from kvlab.errors import UnsupportedError
-from kvlab.hf import hf_rope, register_family
+from kvlab.errors import ConfigError, UnsupportedError
+from kvlab.hf import hf_flag, hf_rope, register_family
 from kvlab.hf.llama import decoder_config, strip_model_prefix
 from kvlab.sharing import share_last
 
@@ -43,6 +43,10 @@ def layer_types(hf: dict, pattern: int) -> list[str]:
     n = hf["num_hidden_layers"]
     types = list(hf.get("layer_types") or
                  ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)])
+    unknown = [t for t in types if t not in ("full_attention", "sliding_attention")]
+    if unknown or len(types) != n:  # refuse rather than guess full attention
+        raise ConfigError(f"config.json: layer_types: expected {n} of 'full_attention' / 'sliding_attention', "
+                          f"got {(unknown or [len(types)])[0]!r}")
     if hf["model_type"].startswith("gemma4"):
         types[-1] = "full_attention"  # as transformers forces it
     return types
@@ -99,8 +103,8 @@ def gemma3_config(hf: dict) -> ModelConfig:
                    ({"rope_type": "default", **hf["rope_scaling"]} if hf.get("rope_scaling") else None),
                    hf.get("rope_theta", 1_000_000.0))
     base = {"n_heads": hf["num_attention_heads"], "n_kv_heads": hf.get("num_key_value_heads"),
-            "head_dim": hf.get("head_dim", 256), "qk_norm": True, "qkv_bias": bool(hf.get("attention_bias")),
-            "o_bias": bool(hf.get("attention_bias")),
+            "head_dim": hf.get("head_dim", 256), "qk_norm": True, "qkv_bias": hf_flag(hf, "attention_bias"),
+            "o_bias": hf_flag(hf, "attention_bias"),
             "softmax_scale": hf.get("query_pre_attn_scalar", 256) ** -0.5}
     layers = [{"type": "sliding", "window": hf.get("sliding_window", 4096), "rope": local, **base}
               if t == "sliding_attention" else {"type": "full", "rope": glob, **base}
@@ -116,7 +120,7 @@ def gemma4_config(hf: dict) -> ModelConfig:
     rope = hf.get("rope_parameters") or {
         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}}
-    k_eq_v = bool(hf.get("attention_k_eq_v", False))
+    k_eq_v = hf_flag(hf, "attention_k_eq_v", False)
     layers = []
     for i, layer_type in enumerate(layer_types(hf, 6)):
         full = layer_type == "full_attention"
@@ -129,7 +133,7 @@ def gemma4_config(hf: dict) -> ModelConfig:
         n_kv, head_dim = override.get("num_key_value_heads", n_kv), override.get("head_dim", head_dim)
         layer = {"type": "full" if full else "sliding", "n_heads": hf["num_attention_heads"], "n_kv_heads": n_kv,
                  "head_dim": head_dim, "qk_norm": True, "v_norm": True, "softmax_scale": 1.0,
-                 "qkv_bias": bool(hf.get("attention_bias")), "o_bias": bool(hf.get("attention_bias")),
+                 "qkv_bias": hf_flag(hf, "attention_bias"), "o_bias": hf_flag(hf, "attention_bias"),
                  "rope": rope_of(rope.get(layer_type), 1e6 if full else 1e4)}
         if full and k_eq_v:
             layer["k_eq_v"] = True

@@ -15,7 +15,7 @@ import torch
 
 from kvlab.config import ModelConfig, RopeConfig
 from kvlab.errors import ConfigError, UnsupportedError
-from kvlab.hf import hf_get, hf_rope, register_family
+from kvlab.hf import hf_flag, hf_get, hf_rope, register_family
 from kvlab.hf.llama import decoder_config, strip_model_prefix
 
 # transformers' defaults when ``rope_parameters`` is absent
@@ -52,7 +52,7 @@ def laguna_config(hf: dict) -> ModelConfig:
     gating = hf.get("gating", True)
     if gating not in GATES:
         raise ConfigError(f"config.json: gating must be true, false, 'per-head' or 'per-element', got {gating!r}")
-    bias = bool(hf.get("attention_bias", False))
+    bias = hf_flag(hf, "attention_bias", False)
     ropes = {t: per_type_rope(hf, t) for t in set(layer_types)}
     layers = []
     for i, (layer_type, n_heads) in enumerate(zip(layer_types, heads)):

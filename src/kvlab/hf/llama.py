@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from kvlab.config import ModelConfig
-from kvlab.hf import hf_dtype, hf_get, hf_rope, register_family
+from kvlab.errors import ConfigError
+from kvlab.hf import hf_dtype, hf_flag, hf_get, hf_rope, register_family
 
 ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
@@ -28,7 +29,14 @@ def layer_windows(hf: dict) -> list[int | None]:
     window = hf.get("sliding_window")
     model_type = hf["model_type"]
     if hf.get("layer_types"):
-        return [window if t == "sliding_attention" else None for t in hf["layer_types"]]
+        types = hf["layer_types"]
+        if not isinstance(types, list) or len(types) != n:
+            raise ConfigError(f"config.json: layer_types: expected a list of {n} entries, got {types!r}"[:200])
+        unknown = [t for t in types if t not in ("full_attention", "sliding_attention")]
+        if unknown:  # refuse rather than guess full attention for a kind kvlab does not know
+            raise ConfigError(f"config.json: layer_types: {unknown[0]!r} is not 'full_attention' or "
+                              "'sliding_attention'")
+        return [window if t == "sliding_attention" else None for t in types]
     if model_type in ("qwen2", "qwen3"):
         if not hf.get("use_sliding_window") or window is None:
             return [None] * n
@@ -41,7 +49,7 @@ def layer_windows(hf: dict) -> list[int | None]:
 def llama_config(hf: dict) -> ModelConfig:
     n_heads = hf["num_attention_heads"]
     model_type = hf["model_type"]
-    bias = bool(hf.get("attention_bias", model_type == "qwen2"))
+    bias = hf_flag(hf, "attention_bias", model_type == "qwen2")
     base = {
         "n_heads": n_heads,
         "n_kv_heads": hf_get(hf, "num_key_value_heads", default=n_heads),
@@ -66,7 +74,7 @@ def decoder_config(hf: dict, name: str, layers: list[dict], rope=None, **overrid
         mlp_act=ACTS.get(hf.get("hidden_act", "silu"), hf.get("hidden_act")),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope=rope or hf_rope(hf),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_embeddings=hf_flag(hf, "tie_word_embeddings", False),
         dtype=hf_dtype(hf),
         max_seq_len=hf.get("max_position_embeddings", 4096),
         layers=layers,

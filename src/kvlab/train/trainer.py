@@ -6,11 +6,14 @@ Run folder layout::
     RUN_DIR/train_config.json   the TrainConfig plus where the data came from
     RUN_DIR/log.jsonl           one record per step (loss, lr, tok/s) and per validation
     RUN_DIR/checkpoint/         config.json + model.safetensors (a kvlab checkpoint: ``kvlab.load`` reads it)
-                                + trainer.pt (optimizer, scheduler, RNG states, data position, step)
+                                + trainer_state.json/.safetensors (optimizer, scheduler, RNG states, data
+                                  position, step: no pickle, see ``state.py``)
                                 + tokenizer.json when the run used one
+    RUN_DIR/.kvlab-manifest.json  the files above: ``--force`` removes those and nothing else
 
 A checkpoint is written to ``RUN_DIR/.checkpoint.tmp`` and swapped in by renaming folders, so a crash
-leaves either the previous checkpoint or the new one, never a mix.
+leaves either the previous checkpoint or the new one, never a mix. A non-finite loss stops the run before
+the update that would spread it, keeping the last checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import shutil
 import time
 from contextlib import nullcontext
@@ -34,9 +36,14 @@ from kvlab.config import ModelConfig
 from kvlab.data.corpus import ChunkSampler
 from kvlab.data.recall import LAYOUTS, RecallStream, RecallTask, recall_accuracy
 from kvlab.errors import KvlabError
+from kvlab.safe_io import available_memory  # noqa: F401 - re-exported (the memory guard below)
+from kvlab.train import state as state_io
 
 CHECKPOINT = "checkpoint"
-STATE = "trainer.pt"
+STATE = state_io.JSON
+CHECKPOINT_FILES = ("config.json", "model.safetensors", state_io.JSON, state_io.TENSORS, "tokenizer.json")
+RUN_FILES = ("train_config.json", "log.jsonl", *(f"{folder}/{name}" for folder in (CHECKPOINT, ".checkpoint.tmp",
+             ".checkpoint.old") for name in CHECKPOINT_FILES))
 
 
 @dataclass
@@ -68,6 +75,9 @@ class TrainConfig:
     device: str = "cpu"
 
     def validate(self) -> None:
+        from kvlab.typecheck import check_field_types
+
+        check_field_types(self, "train.")
         check_device(self.device)
         for name in ("steps", "batch", "seq", "grad_accum", "eval_every", "eval_batches", "save_every",
                      "recall_pairs"):
@@ -77,6 +87,14 @@ class TrainConfig:
         for name in ("lr", "clip"):
             if not getattr(self, name) > 0:
                 raise KvlabError(f"train.{name}: must be positive, got {getattr(self, name)!r}")
+        for name, low, high in (("min_lr_ratio", 0.0, 1.0), ("weight_decay", 0.0, 10.0), ("beta1", 0.0, 0.999999),
+                                ("beta2", 0.0, 0.999999)):
+            if not low <= getattr(self, name) <= high:
+                raise KvlabError(f"train.{name}: must be in [{low:g}, {high:g}], got {getattr(self, name)!r}")
+        if self.seed < 0:
+            raise KvlabError(f"train.seed: must be >= 0, got {self.seed}")
+        if self.recall_alphabet is not None and self.recall_alphabet < 2:
+            raise KvlabError(f"train.recall_alphabet: must be at least 2, got {self.recall_alphabet}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise KvlabError(f"train.warmup: must be a non-negative integer, got {self.warmup!r}")
         if self.task not in ("lm", "recall"):
@@ -115,19 +133,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 # ---- memory guard -------------------------------------------------------------------------------------
-def available_memory(device: torch.device) -> int:
-    """Free bytes where training will run (CUDA: free device memory; CPU: MemAvailable)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def estimate_train_bytes(config: ModelConfig, n_params: int, rows: int, seq: int) -> int:
     """A rough lower estimate of training memory: fp32 weights, grads and two Adam moments, plus the
     activations autograd keeps (about 16 ``d_model`` vectors per token per layer, fp32 logits and their
@@ -174,7 +179,7 @@ class Trainer:
                                             {"params": other, "weight_decay": 0.0}],
                                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
-        self.step = 0
+        self.step, self.saved_step = 0, None
         if resume:
             self._load_state()
         self.net = self.model
@@ -206,20 +211,18 @@ class Trainer:
             dist.barrier()
 
     def _prepare_folder(self, force: bool, resume: bool) -> None:
+        from kvlab.outputs import check_output_dir, prepare_output_dir
+
         out = self.out
         if resume:
-            if not (out / CHECKPOINT / STATE).exists() and not (out / ".checkpoint.old" / STATE).exists():
+            if not any((out / name / legacy).exists() for name in (CHECKPOINT, ".checkpoint.old")
+                       for legacy in (STATE, "trainer.pt")):
                 raise KvlabError(f"{out}: no checkpoint to resume from")
-        elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-            if not force:
-                raise KvlabError(f"{out}: run folder exists; pass --force to overwrite or --resume to continue")
-            if not out.is_dir() or not any((out / name).exists() for name in ("train_config.json", CHECKPOINT)):
-                raise KvlabError(f"{out}: exists and is not a kvlab run folder; refusing to delete it")
+        else:  # a folder without kvlab's manifest is never deleted; with it, only the files it lists
+            check_output_dir(out, force, "run folder", hint=" or --resume to continue")
         self._barrier()  # every rank has checked before rank 0 changes anything
         if self.rank == 0 and not resume:
-            if out.exists():
-                shutil.rmtree(out) if out.is_dir() else out.unlink()
-            out.mkdir(parents=True)
+            prepare_output_dir(out, force, RUN_FILES, "run folder")
             record = {"train": dataclasses.asdict(self.cfg), **self.meta}
             (out / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
         self._barrier()
@@ -269,6 +272,12 @@ class Trainer:
             reduced = torch.tensor([total], device=self.device)
             dist.all_reduce(reduced)
             total = float(reduced) / self.world
+        if not math.isfinite(total):  # stop before the update: the weights and the last checkpoint stay good
+            self.optimizer.zero_grad(set_to_none=True)
+            kept = (f"the last good checkpoint (step {self.saved_step}) is kept in {self.out / CHECKPOINT}"
+                    if self.saved_step is not None else "no checkpoint was written")
+            raise KvlabError(f"step {self.step + 1}: loss is {total}; training stopped ({kept}); lower --lr or "
+                             "check the config and data")
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -340,44 +349,38 @@ class Trainer:
             final, tmp, old = self.out / CHECKPOINT, self.out / ".checkpoint.tmp", self.out / ".checkpoint.old"
             shutil.rmtree(tmp, ignore_errors=True)
             self.model.save(tmp, overwrite=True)
-            torch.save(self._state(), tmp / STATE)
+            state_io.save_state(tmp, state_io.capture(self))
             if self.tokenizer_file is not None:
                 shutil.copyfile(self.tokenizer_file, tmp / "tokenizer.json")
             shutil.rmtree(old, ignore_errors=True)
             if final.exists():
+                for item in final.iterdir():  # a file kvlab did not write moves on to the new checkpoint
+                    if item.name not in CHECKPOINT_FILES and not (tmp / item.name).exists():
+                        os.replace(item, tmp / item.name)
                 os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
+        self.saved_step = self.step
         self._barrier()
-
-    def _state(self) -> dict:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "data": self.train_data.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "numpy": np.random.get_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                "train_config": dataclasses.asdict(self.cfg)}
 
     def _load_state(self) -> None:
         from kvlab.checkpoint import read_safetensors_file
         from kvlab.loading import install_state
 
         folder = self.out / CHECKPOINT
-        if not (folder / STATE).exists():  # crashed between the two renames of save()
+        if not any((folder / name).exists() for name in (STATE, "trainer.pt")):  # crashed between the renames
             folder = self.out / ".checkpoint.old"
-        state = torch.load(folder / STATE, map_location="cpu", weights_only=False)
+        state = state_io.load_state(folder)  # never unpickles
         # copies in place: parameter layouts (and the optimizer's references) stay as built
         install_state(self.model, read_safetensors_file(folder / "model.safetensors"), str(folder))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.train_data.load_state_dict(state["data"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.step = int(state["step"])
+        try:
+            state_io.restore(self, state)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            if isinstance(exc, KvlabError):
+                raise
+            detail = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+            raise KvlabError(f"{folder / STATE}: trainer state is corrupt or from another run ({detail})") from None
+        self.saved_step = self.step
         if self.rank == 0 and (self.out / "log.jsonl").exists():  # drop records past the checkpoint
             lines = (self.out / "log.jsonl").read_text().splitlines()
             kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
