@@ -18,7 +18,9 @@ from typing import Any, ClassVar
 from kvlab._version import __version__
 from kvlab.config_options import (
     BASE_OPTIONS,
+    MAX_LAYERS,
     apply_kv_sharing,
+    expand_layer_shorthand,
     spec_class,
     validate_decoder_options,
     validate_hyper_connections,
@@ -38,7 +40,6 @@ def canonical_dtype(name: str, field_name: str = "dtype") -> str:
     return name
 
 
-MAX_LAYERS = 10_000
 
 
 def _check_positive(owner: str, **values: Any) -> None:
@@ -356,7 +357,7 @@ class ModelConfig:
         data.pop("kvlab_version", None)
         layers = data.get("layers")
         if isinstance(layers, dict):
-            data["layers"] = _expand_shorthand(layers, data.get("n_layers"))
+            data["layers"] = expand_layer_shorthand(layers, data.get("n_layers"))
         if "kv_sharing" in data:  # {"every": k} (CLA-k) or {"last": n} (Gemma 4) -> kv_from per layer
             data["layers"] = apply_kv_sharing(data.pop("kv_sharing"), data.get("layers"))
         return _build_dataclass(cls, data, "")
@@ -376,23 +377,6 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
         return cls.from_dict(read_config_file(path))
-
-
-def _expand_shorthand(layers: dict, n_layers: Any) -> list:
-    """``{"repeat": spec}`` or ``{"pattern": [spec, ...]}`` (cycled) -> ``n_layers`` spec dicts."""
-    if set(layers) not in ({"repeat"}, {"pattern"}):
-        raise ConfigError(f"layers: expected a list, {{\"repeat\": spec}} or {{\"pattern\": [spec, ...]}}, "
-                          f"got keys {sorted(layers)}")
-    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= MAX_LAYERS:
-        raise ConfigError(f"n_layers: must be an integer in 1..{MAX_LAYERS} to expand layers, got {n_layers!r}")
-    pattern = [layers["repeat"]] if "repeat" in layers else layers["pattern"]
-    if not isinstance(pattern, list) or not pattern:
-        raise ConfigError(f"layers.pattern: must be a non-empty list of layer specs, got {pattern!r}")
-    for i, spec in enumerate(pattern):
-        if not isinstance(spec, dict):
-            where = "layers.repeat" if "repeat" in layers else f"layers.pattern[{i}]"
-            raise ConfigError(f"{where}: expected a layer spec object, got {spec!r}")
-    return [dict(pattern[i % len(pattern)]) for i in range(n_layers)]
 
 
 def read_config_file(path: str | Path) -> dict:

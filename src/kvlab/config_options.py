@@ -164,3 +164,23 @@ def apply_kv_sharing(sharing: object, layers: list[dict], canonical: Callable[[s
     if name == "last":
         return share_last(layers, value, where="kv_sharing.last", canonical=canonical)
     return share_every(layers, value, where="kv_sharing.every")
+
+
+MAX_LAYERS = 10_000
+
+
+def expand_layer_shorthand(layers: dict, n_layers: Any) -> list:
+    """``{"repeat": spec}`` or ``{"pattern": [spec, ...]}`` (cycled) -> ``n_layers`` spec dicts."""
+    if set(layers) not in ({"repeat"}, {"pattern"}):
+        raise ConfigError(f"layers: expected a list, {{\"repeat\": spec}} or {{\"pattern\": [spec, ...]}}, "
+                          f"got keys {sorted(layers)}")
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= MAX_LAYERS:
+        raise ConfigError(f"n_layers: must be an integer in 1..{MAX_LAYERS} to expand layers, got {n_layers!r}")
+    pattern = [layers["repeat"]] if "repeat" in layers else layers["pattern"]
+    if not isinstance(pattern, list) or not pattern:
+        raise ConfigError(f"layers.pattern: must be a non-empty list of layer specs, got {pattern!r}")
+    for i, spec in enumerate(pattern):
+        if not isinstance(spec, dict):
+            where = "layers.repeat" if "repeat" in layers else f"layers.pattern[{i}]"
+            raise ConfigError(f"{where}: expected a layer spec object, got {spec!r}")
+    return [dict(pattern[i % len(pattern)]) for i in range(n_layers)]

@@ -202,12 +202,11 @@ class Model(nn.Module):
             if value < low:
                 raise InputError(f"new_cache: {name} must be >= {low}, got {value}")
         if max_length and batch_size * max_length >= 2**16 and self.device.type != "meta":
-            from kvlab.planner import plan
             from kvlab.safe_io import check_memory
 
-            elem = torch.empty((), dtype=dtype or self.dtype).element_size()
-            need = plan(self.config, context=max_length, batch=batch_size, dtype={4: "float32", 2: "bfloat16",
-                        8: "float64"}.get(elem)).total_bytes
+            elem = torch.empty((), dtype=dtype or self.dtype).element_size()  # the spec's planner rule, summed
+            need = sum(self.config.layer(i).cache_bytes(max_length, batch_size, elem)
+                       for i in range(self.config.n_layers))
             check_memory(need, f"a cache of {batch_size} x {max_length:,} tokens", "ask for fewer tokens",
                          self.device)
         built: list = []
