@@ -42,6 +42,7 @@ def add_parser(sub):
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP")
     p.add_argument("--force", action="store_true", help="overwrite an existing heal folder")
     p.add_argument("--resume", action="store_true", help="continue the heal run in --out (saved settings)")
+    p.add_argument("--stop-after", type=int, help="stop after this many steps in this invocation (resume later)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -64,7 +65,7 @@ def run(args) -> int:
             values[f.name] = getattr(args, f.name)
     cfg = HealConfig(**values)
     summary = heal(args.converted, args.teacher, args.out, cfg, force=args.force, resume=args.resume,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, stop_after=args.stop_after)
     if summary:
         start, final = summary["start"], summary["final"]
         train_s = sum(s["train"] for s in summary["seconds"].values())

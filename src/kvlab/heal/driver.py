@@ -71,7 +71,7 @@ class HealConfig:
         no weight decay (healing starts from trained weights), a checkpoint at every evaluation."""
         share = 1.0 if self.stage != "both" else (self.local_share if stage == "local" else 1 - self.local_share)
         steps = max(1, int(self.tokens * share) // (self.batch * self.seq * self.grad_accum))
-        every = max(1, steps // self.eval_points)
+        every = -(-steps // self.eval_points)  # ceil: at most eval_points evaluations
         return TrainConfig(steps=steps, batch=self.batch, seq=self.seq, grad_accum=self.grad_accum,
                            lr=self.local_lr if stage == "local" else self.kl_lr, warmup=int(self.warmup * steps),
                            clip=self.clip, weight_decay=0.0, eval_every=every, eval_batches=1, save_every=every,
@@ -99,9 +99,11 @@ def _write(out: Path, record: dict) -> None:
 
 
 def heal(student_path: str | Path, teacher_path: str | Path, out: str | Path, cfg: HealConfig, *,
-         force: bool = False, resume: bool = False, progress: bool = True) -> dict:
+         force: bool = False, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
     """Heal the kvlab checkpoint ``student_path`` toward ``teacher_path`` into ``out``; returns the
-    summary written to ``OUT/curve.json``. Under ``torchrun`` every stage runs data-parallel."""
+    summary written to ``OUT/curve.json``. Under ``torchrun`` every stage runs data-parallel.
+    ``stop_after``: stop after this many optimizer steps in this call (as an interruption would; resume
+    later); returns ``{}`` then."""
     import kvlab
     from kvlab.data.corpus import ChunkSampler, load_corpus, split_ids
     from kvlab.heal.fidelity import FidelityProbe
@@ -165,7 +167,12 @@ def heal(student_path: str | Path, teacher_path: str | Path, out: str | Path, cf
                           progress=progress, model=student, trainable=chosen.__contains__, objective=objective,
                           eval_hook=hook if rank == 0 else None, desc=f"heal {stage}")
         eval_seconds[0], t0 = 0.0, time.perf_counter()
-        trainer.run()
+        before = trainer.step
+        trainer.run(stop_after=stop_after)
+        if stop_after is not None:
+            stop_after -= trainer.step - before
+        if trainer.step < trainer.cfg.steps:  # interrupted on purpose
+            return {}
         if rank == 0:
             wall = time.perf_counter() - t0
             saved["done"].append(stage)
