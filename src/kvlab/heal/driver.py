@@ -78,7 +78,7 @@ class HealConfig:
                            seed=self.seed + STAGES.index(stage), device=self.device)
 
 
-def _prepare(out: Path, force: bool, resume: bool, rank: int) -> dict:
+def _prepare(out: Path, force: bool, resume: bool) -> dict:
     """The saved record on ``resume``; else check that ``out`` may be (re)created (done by the caller)."""
     if resume:
         if not (out / RECORD).exists():
@@ -114,7 +114,7 @@ def heal(student_path: str | Path, teacher_path: str | Path, out: str | Path, cf
 
     out = Path(out)
     rank, world = Trainer._init_distributed()
-    saved = _prepare(out, force, resume, rank)
+    saved = _prepare(out, force, resume)
     if saved:
         student_path, teacher_path = saved["student"], saved["teacher"]
         cfg = HealConfig(**saved["config"])
