@@ -70,7 +70,7 @@ class HealConfig:
         """The trainer settings of ``stage``: its share of the tokens as steps, evaluations spread evenly,
         no weight decay (healing starts from trained weights), a checkpoint at every evaluation."""
         share = 1.0 if self.stage != "both" else (self.local_share if stage == "local" else 1 - self.local_share)
-        steps = max(1, int(self.tokens * share) // (self.batch * self.seq * self.grad_accum))
+        steps = max(1, round(self.tokens * share) // (self.batch * self.seq * self.grad_accum))
         every = -(-steps // self.eval_points)  # ceil: at most eval_points evaluations
         return TrainConfig(steps=steps, batch=self.batch, seq=self.seq, grad_accum=self.grad_accum,
                            lr=self.local_lr if stage == "local" else self.kl_lr, warmup=int(self.warmup * steps),
