@@ -34,10 +34,10 @@ def plot_curve(points: list[dict], teacher_ppl: float, path: Path, title: str) -
     import matplotlib.pyplot as plt
 
     fig, (ax_kl, ax_ppl) = plt.subplots(1, 2, figsize=(10, 4))
-    stages = [s for s in dict.fromkeys(p["stage"] for p in points) if s != "start"]
-    for stage in stages:
-        mine = [points[0]] + [p for p in points if p["stage"] == stage] if stage == stages[0] else \
-            [p for p in points if p["stage"] == stage]
+    previous = points[0]  # each stage's line starts where the one before ended
+    for stage in [s for s in dict.fromkeys(p["stage"] for p in points) if s != "start"]:
+        mine = [previous] + [p for p in points if p["stage"] == stage]
+        previous = mine[-1]
         for ax, key in ((ax_kl, "kl"), (ax_ppl, "ppl")):
             ax.plot([p["tokens"] for p in mine], [p[key] for p in mine], marker="o", label=stage)
     ax_ppl.axhline(teacher_ppl, color="gray", linestyle="--", label=f"teacher {teacher_ppl:.2f}")
