@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--teacher", default=TEACHER)
     p.add_argument("--tokens", type=token_count, default=20_000)
     p.add_argument("--local-share", type=float, default=0.8)
+    p.add_argument("--local-lr", type=float, default=HealConfig.local_lr)
+    p.add_argument("--kl-lr", type=float, default=HealConfig.kl_lr)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--window", type=int, default=64)
@@ -53,7 +55,8 @@ def main() -> None:
         student = mqa_student(teacher) if args.variant == "mqa" else sliding_student(teacher, args.window, 4)
         student.save(student_dir, overwrite=True)
         del teacher, student
-    cfg = HealConfig(tokens=args.tokens, batch=args.batch, seq=args.seq, local_share=args.local_share)
+    cfg = HealConfig(tokens=args.tokens, batch=args.batch, seq=args.seq, local_share=args.local_share,
+                     local_lr=args.local_lr, kl_lr=args.kl_lr)
     out = work / f"heal-{args.variant}"
     started = time.perf_counter()
     summary = heal(student_dir, args.teacher, out, cfg, force=True)
