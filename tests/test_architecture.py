@@ -11,7 +11,7 @@ MAX_LINES = 400
 
 # lower layers never import higher ones, not even inside a function
 LAYERS = [
-    ("config", {"kvlab._version", "kvlab.errors", "kvlab.safe_io", "kvlab.typecheck", "kvlab.config_options",
+    ("config", {"kvlab._version", "kvlab.errors", "kvlab.safe_io", "kvlab.typecheck", "kvlab.plugins", "kvlab.config_options",
                 "kvlab.config"}),
     ("runtime", {"kvlab.rope", "kvlab.norms", "kvlab.mlp", "kvlab.registry", "kvlab.sharing", "kvlab.cache",
                  "kvlab.hyper_connections", "kvlab.per_layer_embeddings", "kvlab.attention"}),

@@ -10,13 +10,12 @@ missing ``new_cache_layer``, or a spec left without a module fails here, loudly,
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import pkgutil
 from dataclasses import dataclass
 
 from kvlab.config import LayerSpec
 from kvlab.config_options import BASE_OPTIONS, SPEC_TYPES, TECHNIQUE_LOADERS, spec_class
+from kvlab.plugins import import_submodules
 
 
 @dataclass
@@ -80,11 +79,7 @@ def _load_all() -> None:
     if _loaded:
         return
     _loaded = True
-    import kvlab.attention as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"kvlab.attention.{info.name}")
+    import_submodules("kvlab.attention")
     orphans = sorted(set(_SPECS) - set(_MODULES))
     if orphans:
         raise TypeError(f"technique '{orphans[0]}': a spec without a module (@register_module)")

@@ -6,25 +6,19 @@ with ``KVLAB_DEBUG=1``."""
 from __future__ import annotations
 
 import argparse
-import importlib
-import pkgutil
 import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
     import kvlab
     from kvlab.cli._args import OneLineParser
+    from kvlab.plugins import import_submodules
 
     parser = OneLineParser(prog="kvlab", description="Build, convert and measure attention "
                                      "whose KV cache is smaller.")
     parser.add_argument("--version", action="version", version=f"kvlab {kvlab.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    import kvlab.cli as pkg
-
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"kvlab.cli.{info.name}")
+    for module in import_submodules("kvlab.cli"):
         command = module.add_parser(sub)
         command.set_defaults(handler=module.run)
     return parser

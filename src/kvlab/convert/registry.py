@@ -10,8 +10,6 @@ layers converted so far (cross-layer targets read their producers there).
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,6 +17,7 @@ import torch
 
 from kvlab.config import LayerSpec, ModelConfig
 from kvlab.errors import ConfigError
+from kvlab.plugins import import_submodules
 
 
 @dataclass
@@ -69,11 +68,7 @@ def _load_all() -> None:
     if _loaded:
         return
     _loaded = True
-    import kvlab.convert as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"kvlab.convert.{info.name}")
+    import_submodules("kvlab.convert")
 
 
 def get_target(name: str, where: str = "--to") -> Target:

@@ -7,8 +7,6 @@ model is ``kvlab.loading``'s job.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +14,7 @@ import torch
 
 from kvlab.config import ModelConfig
 from kvlab.errors import ConfigError, KvlabError, UnsupportedError
+from kvlab.plugins import import_submodules
 
 
 @dataclass
@@ -46,11 +45,7 @@ def get_family(hf: dict, where: str = "config.json") -> Family:
     global _loaded
     if not _loaded:
         _loaded = True
-        import kvlab.hf as pkg
-
-        for info in pkgutil.iter_modules(pkg.__path__):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"kvlab.hf.{info.name}")
+        import_submodules("kvlab.hf")
     model_type = hf.get("model_type")
     if model_type is None:
         raise ConfigError(f"{where}: no 'model_type' field; not a Hugging Face config")
