@@ -103,10 +103,10 @@ def test_output_folder_rules(tmp_path, capsys):
     assert main(args) == 2 and "--force" in capsys.readouterr().err  # never over an existing folder
     assert main(args + ["--force", "--no-check"]) == 0
     assert (out / "notes.txt").read_text() == "mine"  # --force removed only what the export wrote
-    assert sorted(p.name for p in out.iterdir()) == [".kvlab-export.json", "config.json", "export_check.json",
+    assert sorted(p.name for p in out.iterdir()) == [".kvlab-manifest.json", "config.json", "export_check.json",
                                                       "model.safetensors", "notes.txt"]
     user = tmp_path / "user"
     user.mkdir()
     (user / "config.json").write_text("{}")
     assert main(["export", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(user), "--force"]) == 2
-    assert "not written by kvlab export" in capsys.readouterr().err and (user / "config.json").read_text() == "{}"
+    assert "not a kvlab export folder" in capsys.readouterr().err and (user / "config.json").read_text() == "{}"

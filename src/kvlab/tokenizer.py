@@ -35,6 +35,17 @@ class TokenizersTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.inner.encode(text).ids
 
+    def save(self, folder: str | Path) -> list[str]:
+        """Write ``tokenizer.json`` and, for the chat template and bos/eos, ``tokenizer_config.json`` into
+        ``folder`` (what ``JsonTokenizer`` and transformers read back); returns the file names written."""
+        import json
+
+        folder = Path(folder)
+        self.inner.save(str(folder / "tokenizer.json"))
+        extra = {"bos_token": self.bos_token, "eos_token": self.eos_token, "chat_template": self.chat_template}
+        (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in extra.items() if v}, indent=1))
+        return ["tokenizer.json", "tokenizer_config.json"]
+
     def decode(self, ids: list[int]) -> str:
         return self.inner.decode(ids)
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
 from kvlab.cli._args import byte_size, positive_int, token_count, token_counts
 from kvlab.errors import KvlabError
 
-WRITTEN = ("config.json", "model.safetensors", "tokenizer.json", "plan.json", "report.json", "report.md")
+WRITTEN = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "plan.json",
+           "report.json", "report.md")
 
 
 def budget_arg(text: str) -> tuple[str, float]:
@@ -67,17 +67,6 @@ def add_parser(sub):
     return p
 
 
-def prepare_out(folder: Path, force: bool) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise KvlabError(f"--out: {folder} exists and is not a folder")
-    if folder.exists() and any(folder.iterdir()):
-        if not force:
-            raise KvlabError(f"--out: {folder} is not empty; pass --force to replace what kvlab wrote there")
-        for name in WRITTEN:
-            (folder / name).unlink(missing_ok=True)
-    folder.mkdir(parents=True, exist_ok=True)
-
-
 def data_ids(args, tokenizer, split: str):
     from kvlab.data.corpus import load_corpus, split_ids
 
@@ -117,6 +106,7 @@ def run(args) -> int:  # noqa: C901 (one linear pipeline)
     from kvlab.convert.report import bytes_section, markdown, write
     from kvlab.convert.spec import format_steps, parse_layer_spec, resolve_spec
     from kvlab.machine import machine_info
+    from kvlab.outputs import prepare_output_dir
     from kvlab.planner import plan
     from kvlab.tokenizer import load_tokenizer
 
@@ -128,7 +118,7 @@ def run(args) -> int:  # noqa: C901 (one linear pipeline)
     if not args.kv_budget and not args.to:
         raise KvlabError("--to: required (a SPEC or a plan file), unless --kv-budget is given")
     out = Path(args.out)
-    prepare_out(out, args.force)
+    prepare_output_dir(out, args.force, files=WRITTEN, what="convert folder")
     torch.manual_seed(args.seed)
     source = kvlab.load(args.source).eval()
     cfg = source.config
@@ -183,8 +173,8 @@ def run(args) -> int:  # noqa: C901 (one linear pipeline)
     converted = convert(source, plan_steps, stats, args.seed, progress=True)
     times["convert_s"] = time.perf_counter() - t2 + times["calibrate_s"] + times.get("sensitivity_s", 0)
     converted.save(out)
-    if getattr(tokenizer, "path", None) is not None:
-        shutil.copyfile(tokenizer.path, out / "tokenizer.json")
+    if hasattr(tokenizer, "save"):  # a GGUF's tokenizer too: the converted folder generates and chats alone
+        tokenizer.save(out)
     layer_steps = [format_steps(s) for s in plan_steps]
     plan_file = {"kvlab_plan": 1, "source": str(args.source), "context": args.context, "layers": layer_steps}
     if budget_info:

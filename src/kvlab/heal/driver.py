@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvlab.errors import KvlabError
+from kvlab.outputs import check_output_dir, manifest_files, prepare_output_dir, record_output, remove_recorded
 from kvlab.train.trainer import CHECKPOINT, TrainConfig, Trainer
 
 STAGES = ("local", "kl")
@@ -84,12 +84,17 @@ def _prepare(out: Path, force: bool, resume: bool) -> dict:
         if not (out / RECORD).exists():
             raise KvlabError(f"{out}: no {RECORD}; nothing to resume")
         return json.loads((out / RECORD).read_text())
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise KvlabError(f"{out}: exists; pass --force to overwrite or --resume to continue")
-        if not (out / RECORD).exists():
-            raise KvlabError(f"{out}: exists and is not a kvlab heal folder; refusing to delete it")
+    check_output_dir(out, force, "heal folder", " or --resume to continue")
     return {}
+
+
+def _reset(out: Path, force: bool) -> None:
+    """``out`` emptied of what an earlier heal wrote (each stage folder is a trainer run folder with its own
+    manifest), and nothing else; then created with a manifest of its own."""
+    for stage in STAGES:
+        if manifest_files(out / stage) is not None:
+            remove_recorded(out / stage)
+    prepare_output_dir(out, force, files=(RECORD, "curve.json", "curve.png"), what="heal folder")
 
 
 def _write(out: Path, record: dict) -> None:
@@ -132,9 +137,7 @@ def heal(student_path: str | Path, teacher_path: str | Path, out: str | Path, cf
     calibration = ChunkSampler(ids["val"], cfg.seq, cfg.batch, cfg.seed).batch_at(0)[0]
     probe = FidelityProbe(teacher, ids["test"], cfg.eval_seq, cfg.eval_windows) if rank == 0 else None
     if rank == 0 and not resume:
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        out.mkdir(parents=True)
+        _reset(out, force)
         saved = {"student": str(Path(student_path).resolve()), "teacher": str(Path(teacher_path).resolve()),
                  "config": dataclasses.asdict(cfg), "converted_layers": layers, "trainable": names,
                  "start": probe(student), "done": [], "seconds": {}}
@@ -145,6 +148,11 @@ def heal(student_path: str | Path, teacher_path: str | Path, out: str | Path, cf
         dist.barrier()
     saved = json.loads((out / RECORD).read_text())
     tokenizer_file = getattr(tok, "path", None)
+    if tokenizer_file is None and hasattr(tok, "save"):  # a GGUF teacher's tokenizer: saved once, then copied
+        if rank == 0:
+            tok.save(out)
+            record_output(out, "tokenizer.json", "tokenizer_config.json")
+        tokenizer_file = out / "tokenizer.json"
     eval_seconds = [0.0]
 
     def hook(model) -> dict:
