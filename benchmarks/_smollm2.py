@@ -36,3 +36,13 @@ def load_model(name: str = DEFAULT, dtype: str | None = None):
             raise
     folder = str(_hf_folder())
     return kvlab.load(folder, dtype=dtype) if dtype else kvlab.load(folder)
+
+
+def shaped_config(layer: dict | None = None, n_layers: int | None = None) -> dict:
+    """A kvlab config dict of SmolLM2-135M's shape (d 576, MLP 1536, vocab 49152, tied, RoPE 1e5) whose
+    layers are all ``layer`` (default: its own GQA-3 full attention), for random-init speed runs: the
+    weights' values do not change the speed."""
+    base = {"type": "full", "n_heads": 9, "n_kv_heads": 3, "head_dim": 64, "rope": {"theta": 100000.0}}
+    layers = n_layers or 30
+    return {"name": "smollm2-shape", "vocab_size": 49152, "d_model": 576, "n_layers": layers, "mlp_hidden": 1536,
+            "tie_embeddings": True, "norm_eps": 1e-5, "layers": [{**base, **(layer or {})} for _ in range(layers)]}
