@@ -43,6 +43,8 @@ def shaped_config(layer: dict | None = None, n_layers: int | None = None) -> dic
     layers are all ``layer`` (default: its own GQA-3 full attention), for random-init speed runs: the
     weights' values do not change the speed."""
     base = {"type": "full", "n_heads": 9, "n_kv_heads": 3, "head_dim": 64, "rope": {"theta": 100000.0}}
+    if (layer or {}).get("type", "full") not in ("full", "sliding"):  # its own head sizes
+        base = {"rope": base["rope"]}
     layers = n_layers or 30
     return {"name": "smollm2-shape", "vocab_size": 49152, "d_model": 576, "n_layers": layers, "mlp_hidden": 1536,
             "tie_embeddings": True, "norm_eps": 1e-5, "layers": [{**base, **(layer or {})} for _ in range(layers)]}
