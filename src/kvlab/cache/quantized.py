@@ -77,9 +77,8 @@ def quantize(x: torch.Tensor, mode: str, quant: str, group: int, scale_dtype: to
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, mode: str, quant: str,
-               group: int, width: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Inverse of ``quantize``: ``[B, H, N, W]`` in ``dtype`` (``zero + code * scale`` in fp32, one fused
-    op; written into ``out`` when given, a float32 ``[B, H, N, W]`` tensor)."""
+               group: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of ``quantize``: ``[B, H, N, W]`` in ``dtype`` (``zero + code * scale`` in fp32, one fused op)."""
     if quant == "int4":
         codes = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)  # unpack: [B, H, N, W]
     b, h, n, w = codes.shape
@@ -88,12 +87,11 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, mod
     else:
         g = token_group(group, w)
         shape, axis = (b, h, n, w // g, g), 4
-    x = torch.addcmul(zero.float().unsqueeze(axis), codes.view(shape), scale.float().unsqueeze(axis),
-                      out=None if out is None else out.view(shape))
+    x = torch.addcmul(zero.float().unsqueeze(axis), codes.view(shape), scale.float().unsqueeze(axis))
     return x.view(b, h, n, w).to(dtype)
 
 
-_WORKSPACE = threading.local()  # one reused block buffer per thread (not cache state: never live)
+_WORKSPACE = threading.local()  # one reused block of float codes per thread (scratch, not cache state)
 
 
 def workspace(shape: tuple[int, ...], device) -> torch.Tensor:
@@ -167,22 +165,21 @@ class QuantizedStream:
             self.recent.reset()
             self.recent.append(keep)
 
-    def blocks(self, size: int):
-        """``(start, block [B, H, n, W])`` over every token held, oldest first: the quantized tokens
-        dequantized ``size`` at a time (``size`` a multiple of the group), then the exact residual."""
+    def code_blocks(self, size: int):
+        """``(start, codes, scale, zero)`` over the quantized tokens, oldest first, ``size`` tokens at a time
+        (rounded to whole groups): ``codes [B, H, n, W]`` as float32 in a reused workspace (unpacked, not
+        dequantized), and the block's scale and zero point rows."""
         codes, scale, zero = self.codes.view(), self.scale.view(), self.zero.view()
         size = max(size // self.group, 1) * self.group
         per_scale = self.group if self.mode == "channel" else 1  # tokens per scale row
         b, h = codes.shape[:2]
         for start in range(0, self.quantized_length, size):
             n = min(size, self.quantized_length - start)
-            out = None
-            if self.dtype == torch.float32:
-                out = workspace((b, h, n, self.width), codes.device)
+            block = codes[:, :, start:start + n]
+            if self.quant == "int4":
+                block = torch.stack([block & 15, block >> 4], dim=-1).flatten(-2)  # [B, H, n, W]
             rows = slice(start // per_scale, (start + n) // per_scale)
-            yield start, dequantize(codes[:, :, start:start + n], scale[:, :, rows], zero[:, :, rows], self.mode,
-                                    self.quant, self.group, self.width, self.dtype, out=out)
-        yield self.quantized_length, self.recent.view()
+            yield start, workspace((b, h, n, self.width), codes.device).copy_(block), scale[:, :, rows], zero[:, :, rows]
 
     def reserve(self, total: int) -> None:
         self.recent.reserve(min(total, self.residual + self.group))
@@ -213,24 +210,38 @@ class QuantizedKVCacheLayer(CacheLayer):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                scale: float) -> torch.Tensor:
         """Store new ``k, v [B, Hkv, S, D]`` and attend ``q [B, Hkv, M, D]`` (query heads of a group folded
-        into ``M``) to every key held, reading the codes ``BLOCK`` tokens at a time: no full-size
-        dequantized copy exists. Two passes: the scores ``[B, Hkv, M, T]``, one softmax, then the values.
+        into ``M``) to every key held, reading the codes ``BLOCK`` tokens at a time: no dequantized copy
+        exists; the scales and zero points are applied to the query (keys) and to the probabilities
+        (values) instead. Two passes: the scores ``[B, Hkv, M, T]``, one softmax, then the values.
         ``mask [B|1, 1, M, T]`` bool or None. Equals ``append`` followed by softmax attention."""
         self.length += k.shape[2]
         self.k.push(k)
         self.v.push(v)
         total = self.k.quantized_length + self.k.recent.length
         scores = q.new_empty(q.shape[:-1] + (total,))  # [B, Hkv, M, T]
-        for start, block in self.k.blocks(BLOCK):
-            scores[..., start:start + block.shape[2]] = torch.matmul(q, block.transpose(-1, -2))
+        b, h, m, w = q.shape
+        qf = q.float().unsqueeze(2)  # [B, Hkv, 1, M, D]
+        for start, codes, scale_, zero in self.k.code_blocks(BLOCK):  # keys: per channel, groups of G tokens
+            n, g = codes.shape[2], self.k.group
+            # q . (code * s + z) = (q * s) . code + q . z, per group of tokens: the scales go to the query
+            part = torch.matmul(qf * scale_.float().unsqueeze(3), codes.view(b, h, n // g, g, w).transpose(-1, -2))
+            part += torch.matmul(qf, zero.float().unsqueeze(-1))  # [B, Hkv, n/G, M, G] + [.., M, 1]
+            scores[..., start:start + n] = part.permute(0, 1, 3, 2, 4).reshape(b, h, m, n)
+        done = self.k.quantized_length
+        scores[..., done:] = torch.matmul(q, self.k.recent.view().transpose(-1, -2))
         scores.mul_(scale)
         if mask is not None:
             scores.masked_fill_(~mask, float("-inf"))
         probs = scores.softmax(-1)
-        out = None
-        for start, block in self.v.blocks(BLOCK):
-            part = torch.matmul(probs[..., start:start + block.shape[2]], block)  # [B, Hkv, M, Dv]
-            out = part if out is None else out.add_(part)
+        out = torch.matmul(probs[..., done:], self.v.recent.view())  # [B, Hkv, M, Dv]: the exact residual
+        outg = out.view(b, h, m, -1, token_group(self.v.group, self.v.width))  # [B, Hkv, M, W/g, g]
+        for start, codes, scale_, zero in self.v.code_blocks(BLOCK):  # values: per token, groups of g channels
+            n, g = codes.shape[2], outg.shape[-1]
+            p = probs[..., start:start + n]  # [B, Hkv, M, n]
+            ps = p.unsqueeze(-1) * scale_.float().unsqueeze(2)  # [B, Hkv, M, n, W/g]: the scales go to p
+            for j in range(outg.shape[3]):
+                outg[:, :, :, j] += torch.matmul(ps[..., j], codes[..., j * g:(j + 1) * g])
+            outg += torch.matmul(p, zero.float()).unsqueeze(-1)  # sum_t p_t z_t per channel group
         self.k.flush()
         self.v.flush()
         return out
