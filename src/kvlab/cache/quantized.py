@@ -238,9 +238,10 @@ class QuantizedKVCacheLayer(CacheLayer):
         for start, codes, scale_, zero in self.v.code_blocks(BLOCK):  # values: per token, groups of g channels
             n, g = codes.shape[2], outg.shape[-1]
             p = probs[..., start:start + n]  # [B, Hkv, M, n]
-            ps = p.unsqueeze(-1) * scale_.float().unsqueeze(2)  # [B, Hkv, M, n, W/g]: the scales go to p
+            # the scales go to p: [B, Hkv, W/g, M, n], contiguous per channel group
+            ps = p.unsqueeze(2) * scale_.float().transpose(-1, -2).unsqueeze(3)
             for j in range(outg.shape[3]):
-                outg[:, :, :, j] += torch.matmul(ps[..., j], codes[..., j * g:(j + 1) * g])
+                outg[:, :, :, j] += torch.matmul(ps[:, :, j], codes[..., j * g:(j + 1) * g])
             outg += torch.matmul(p, zero.float()).unsqueeze(-1)  # sum_t p_t z_t per channel group
         self.k.flush()
         self.v.flush()
