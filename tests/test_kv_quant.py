@@ -182,3 +182,26 @@ def test_config_and_checkpoint_round_trip(name, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(decode_stepwise(loaded, ids, [9])[0], decode_stepwise(model, ids, [9])[0],
                                    atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@torch.no_grad()
+def test_decode_reading_codes_block_by_block_equals_the_dequantized_copy(kind, monkeypatch):
+    # decode steps attend through QuantizedKVCacheLayer.attend (blocks of 8 tokens here, left padding
+    # included); the reference is append's full-size dequantized copy, forced by marking a consumer
+    import kvlab.cache.quantized as quantized
+
+    monkeypatch.setattr(quantized, "BLOCK", 8)
+    calls = []
+    attend = quantized.QuantizedKVCacheLayer.attend
+    monkeypatch.setattr(quantized.QuantizedKVCacheLayer, "attend", lambda *a: calls.append(1) or attend(*a))
+    model = build(_model([_full(kind), _full(kind, n_kv_heads=1, kv_quant_group=4)]))
+    ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    chunked, _ = decode_stepwise(model, ids, [10, 1], attention_mask=mask)
+    assert len(calls) == 2 * 30  # every one-token step of both layers read the codes
+    for block in model.layers:
+        block.self_attn.has_consumers = True  # -> the reference path
+    reference, _ = decode_stepwise(model, ids, [10, 1], attention_mask=mask)
+    torch.testing.assert_close(chunked, reference, atol=1e-5, rtol=1e-5)

@@ -151,11 +151,17 @@ class Model(nn.Module):
         for name, module in outer.items():
             setattr(self, name, module)
         self.reset_parameters()
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self._tie_embeddings()
         self.to(TORCH_DTYPES[config.dtype])
         self.decode_layout_()
         self.register_load_state_dict_post_hook(lambda module, _: module.decode_layout_())
+
+    def _tie_embeddings(self) -> None:
+        """``lm_head.weight`` IS ``embed_tokens.weight`` (tied configs). Re-done before the decode layout:
+        ``load_state_dict(assign=True)`` gives the two names separate parameters, and a loader's later
+        re-tie would otherwise put back the row-major embedding as the head (1.7x slower LM head GEMV)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     # ---- construction ------------------------------------------------------------------------
     @torch.no_grad()
@@ -172,7 +178,9 @@ class Model(nn.Module):
     @torch.no_grad()
     def decode_layout_(self) -> None:
         """Store the weights of the one-token hot path column-major (see ``column_major_``): the linears a
-        module lists in ``COLUMN_MAJOR`` (full attention, MLP) and the LM head. Re-run after loading."""
+        module lists in ``COLUMN_MAJOR`` (full attention, MLP) and the LM head (tied: the embedding
+        itself, whose row lookup does not care). Re-run after loading."""
+        self._tie_embeddings()
         column_major_(self.lm_head)
         for module in self.modules():
             for name in getattr(module, "COLUMN_MAJOR", ()):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -17,8 +18,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            x = x * (1.0 + self.weight.float() if self.unit_offset else self.weight.float())
-        return x.to(dtype)
+        weight = None if self.weight is None else (
+            1.0 + self.weight.float() if self.unit_offset else self.weight.float())
+        # one fused kernel: at one decode token, 61 norms x 6 elementwise ops were measurable per step
+        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).to(dtype)

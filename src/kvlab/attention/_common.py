@@ -98,6 +98,8 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     """
     batch, heads, seq, dim = q.shape
     kv_heads = k.shape[1]
+    if seq > 1 and v.shape[-1] != dim:
+        return _equal_head_dims(q, k, v, mask, causal, scale)
     if kv_heads == heads:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               is_causal=causal and mask is None and seq > 1)
@@ -109,3 +111,17 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(mask.shape[0], 1, group * seq, -1)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     return out.view(batch, heads, seq, v.shape[-1])
+
+
+def _equal_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     causal: bool, scale: float | None) -> torch.Tensor:
+    """``grouped_sdpa`` with the narrower of q/k and v zero-padded to the other's head dim: SDPA's fused CPU
+    kernel needs equal dims and otherwise falls back to the math path, which builds the ``[S, T]`` score
+    matrix (MLA's expanded prefill: 21x slower at 4K, quadratic memory). Zero channels add nothing to the
+    scores or the output; the scale stays the one of the real q dim."""
+    dim, dv = q.shape[-1], v.shape[-1]
+    scale = scale if scale is not None else dim ** -0.5
+    if dv < dim:
+        return grouped_sdpa(q, k, F.pad(v, (0, dim - dv)), mask, causal, scale)[..., :dv]
+    return grouped_sdpa(F.pad(q, (0, dv - dim)), F.pad(k, (0, dv - dim)), v, mask, causal, scale)
+

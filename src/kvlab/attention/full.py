@@ -121,6 +121,8 @@ class FullAttention(nn.Module):
                 self.k_norm = RMSNorm(hd, cfg.norm_eps, unit_offset=unit)
         self.rotary = Rotary(spec.rope, hd)
         self.scale = spec.softmax_scale
+        # a kv_from consumer reads this layer's keys and values as tensors: then decode cannot read codes
+        self.has_consumers = any(cfg.layer(j).kv_from == layer_idx for j in range(cfg.n_layers))
 
     def new_cache_layer(self, batch: int, dtype: torch.dtype, device, built: list[CacheLayer]) -> CacheLayer:
         shared = shared_cache_layer(self.spec, built)
@@ -135,12 +137,15 @@ class FullAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cache: CacheLayer | None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q, k, v = self.project(x, ctx)
-        if self.owns_kv:
+        if seq == 1 and isinstance(cache, QuantizedKVCacheLayer) and not self.has_consumers:
+            out = self.attend_codes(q, k, v, ctx, cache)
+        elif self.owns_kv:
             k, v, mask = self.keys_values(k, v, ctx, cache)
             ctx.shared[self.layer_idx] = (k, v, mask)  # consumers attend to the same keys, same mask
+            out = self.attend(q, k, v, mask, ctx)  # [B, H, S, Dv]
         else:
             k, v, mask = ctx.shared[self.spec.kv_from]
-        out = self.attend(q, k, v, mask, ctx)  # [B, H, S, Dv]
+            out = self.attend(q, k, v, mask, ctx)
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
         return self.o_proj(apply_output_gate(self.g_proj, x, out, self.n_heads))
 
@@ -161,6 +166,19 @@ class FullAttention(nn.Module):
         if self.spec.qk_norm:
             k = self.k_norm(k)
         return q, self.rotary.apply(k, cos, sin), v
+
+    def attend_codes(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
+                     cache: QuantizedKVCacheLayer) -> torch.Tensor:
+        """One decode query per row over a quantized cache, read block by block from the codes (the G query
+        heads of a group folded into one axis, as ``grouped_sdpa`` does). ``q [B, H, 1, D]`` -> same."""
+        batch, heads, _, dim = q.shape
+        group = heads // self.n_kv_heads
+        mask = causal_mask(ctx, cache.length + 1, q.device)  # [B|1, 1, 1, T] or None
+        if mask is not None:
+            mask = mask.expand(-1, -1, group, -1)
+        scale = self.scale if self.scale is not None else dim ** -0.5
+        out = cache.attend(q.reshape(batch, self.n_kv_heads, group, dim), k, v, mask, scale)
+        return out.reshape(batch, heads, 1, -1)
 
     def keys_values(self, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, cache: CacheLayer | None):
         """Keys/values the new queries attend to (cache extended in place) and their mask (None: causal)."""

@@ -14,19 +14,22 @@ Bytes: codes ``Q*W*bits/8`` + scales and zero points (cache dtype) + residual ``
 
 A forward attends to the dequantized old tokens plus the full-precision residual, which includes the
 tokens of this forward (they are quantized, if at all, after it), as in Hugging Face's QuantizedCache.
-Each read dequantizes the held codes into a temporary of the layer's K/V size (not per query head):
-this layout saves storage, not decode time, on a CPU without fused low-bit attention kernels.
+A decode step (``QuantizedKVCacheLayer.attend``) reads the codes block by block, dequantizing one block
+of ``BLOCK`` tokens at a time; ``append`` (prefill, ``kv_from`` consumers, the reference in tests)
+returns a full-size dequantized copy.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
 from kvlab.cache.base import CacheLayer, GrowingBuffer
 
 BITS = {"int8": 8, "int4": 4}
+BLOCK = 1024  # tokens dequantized at a time by ``QuantizedKVCacheLayer.attend`` (a multiple of the group)
 
 
 def quantized_tokens(tokens: int, group: int, residual: int) -> int:
@@ -75,16 +78,29 @@ def quantize(x: torch.Tensor, mode: str, quant: str, group: int, scale_dtype: to
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, mode: str, quant: str,
                group: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of ``quantize``: ``[B, H, N, W]`` in ``dtype``."""
+    """Inverse of ``quantize``: ``[B, H, N, W]`` in ``dtype`` (``zero + code * scale`` in fp32, one fused op)."""
     if quant == "int4":
         codes = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)  # unpack: [B, H, N, W]
     b, h, n, w = codes.shape
     if mode == "channel":
-        x = codes.view(b, h, n // group, group, w).float() * scale.float().unsqueeze(3) + zero.float().unsqueeze(3)
+        shape, axis = (b, h, n // group, group, w), 3
     else:
         g = token_group(group, w)
-        x = codes.view(b, h, n, w // g, g).float() * scale.float().unsqueeze(4) + zero.float().unsqueeze(4)
+        shape, axis = (b, h, n, w // g, g), 4
+    x = torch.addcmul(zero.float().unsqueeze(axis), codes.view(shape), scale.float().unsqueeze(axis))
     return x.view(b, h, n, w).to(dtype)
+
+
+_WORKSPACE = threading.local()  # one reused block of float codes per thread (scratch, not cache state)
+
+
+def workspace(shape: tuple[int, ...], device) -> torch.Tensor:
+    """A contiguous float32 scratch tensor of ``shape``, reused across blocks, layers and steps."""
+    numel = math.prod(shape)
+    buffer = getattr(_WORKSPACE, "buffer", None)
+    if buffer is None or buffer.numel() < numel or buffer.device != torch.device(device):
+        buffer = _WORKSPACE.buffer = torch.empty(numel, dtype=torch.float32, device=device)
+    return buffer[:numel].view(shape)
 
 
 class QuantizedStream:
@@ -117,14 +133,30 @@ class QuantizedStream:
 
     def append(self, x: torch.Tensor) -> torch.Tensor:
         """Store ``x [B, H, S, W]``; return every token held, ``[B, H, T, W]`` (old ones dequantized,
-        recent ones and ``x`` exact). Then quantize the groups that left the residual window."""
-        recent = self.recent.append(x)
-        total = self.quantized_length + recent.shape[2]
-        flush = quantized_tokens(total, self.group, self.residual) - self.quantized_length
-        if self.quantized_length == 0 and flush == 0:
+        recent ones and ``x`` exact). Then quantize the groups that left the residual window. This is
+        the reference read: it builds a full-size dequantized copy (``QuantizedKVCacheLayer.attend``
+        reads the codes chunk by chunk instead)."""
+        recent = self.push(x)
+        if self.quantized_length == 0 and not self.pending_flush():
             return recent  # nothing quantized yet and the buffer is not rewritten below
         out = torch.cat([self.dequantized(), recent], dim=2)
+        self.flush()
+        return out
+
+    def push(self, x: torch.Tensor) -> torch.Tensor:
+        """Write ``x [B, H, S, W]`` into the full-precision residual (no flush); return the residual."""
+        return self.recent.append(x)
+
+    def pending_flush(self) -> int:
+        """Tokens of the residual that ``flush`` would quantize now."""
+        return quantized_tokens(self.quantized_length + self.recent.length, self.group, self.residual) \
+            - self.quantized_length
+
+    def flush(self) -> None:
+        """Quantize the whole groups that left the residual window."""
+        flush = self.pending_flush()
         if flush:
+            recent = self.recent.view()
             codes, scale, zero = quantize(recent[:, :, :flush], self.mode, self.quant, self.group, self.dtype)
             self.codes.append(codes)
             self.scale.append(scale)
@@ -132,7 +164,22 @@ class QuantizedStream:
             keep = recent[:, :, flush:].clone()
             self.recent.reset()
             self.recent.append(keep)
-        return out
+
+    def code_blocks(self, size: int):
+        """``(start, codes, scale, zero)`` over the quantized tokens, oldest first, ``size`` tokens at a time
+        (rounded to whole groups): ``codes [B, H, n, W]`` as float32 in a reused workspace (unpacked, not
+        dequantized), and the block's scale and zero point rows."""
+        codes, scale, zero = self.codes.view(), self.scale.view(), self.zero.view()
+        size = max(size // self.group, 1) * self.group
+        per_scale = self.group if self.mode == "channel" else 1  # tokens per scale row
+        b, h = codes.shape[:2]
+        for start in range(0, self.quantized_length, size):
+            n = min(size, self.quantized_length - start)
+            block = codes[:, :, start:start + n]
+            if self.quant == "int4":
+                block = torch.stack([block & 15, block >> 4], dim=-1).flatten(-2)  # [B, H, n, W]
+            rows = slice(start // per_scale, (start + n) // per_scale)
+            yield start, workspace((b, h, n, self.width), codes.device).copy_(block), scale[:, :, rows], zero[:, :, rows]
 
     def reserve(self, total: int) -> None:
         self.recent.reserve(min(total, self.residual + self.group))
@@ -159,6 +206,46 @@ class QuantizedKVCacheLayer(CacheLayer):
     def reserve(self, total: int) -> None:
         self.k.reserve(total)
         self.v.reserve(total)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+        """Store new ``k, v [B, Hkv, S, D]`` and attend ``q [B, Hkv, M, D]`` (query heads of a group folded
+        into ``M``) to every key held, reading the codes ``BLOCK`` tokens at a time: no dequantized copy
+        exists; the scales and zero points are applied to the query (keys) and to the probabilities
+        (values) instead. Two passes: the scores ``[B, Hkv, M, T]``, one softmax, then the values.
+        ``mask [B|1, 1, M, T]`` bool or None. Equals ``append`` followed by softmax attention."""
+        self.length += k.shape[2]
+        self.k.push(k)
+        self.v.push(v)
+        total = self.k.quantized_length + self.k.recent.length
+        scores = q.new_empty(q.shape[:-1] + (total,))  # [B, Hkv, M, T]
+        b, h, m, w = q.shape
+        qf = q.float().unsqueeze(2)  # [B, Hkv, 1, M, D]
+        for start, codes, scale_, zero in self.k.code_blocks(BLOCK):  # keys: per channel, groups of G tokens
+            n, g = codes.shape[2], self.k.group
+            # q . (code * s + z) = (q * s) . code + q . z, per group of tokens: the scales go to the query
+            part = torch.matmul(qf * scale_.float().unsqueeze(3), codes.view(b, h, n // g, g, w).transpose(-1, -2))
+            part += torch.matmul(qf, zero.float().unsqueeze(-1))  # [B, Hkv, n/G, M, G] + [.., M, 1]
+            scores[..., start:start + n] = part.permute(0, 1, 3, 2, 4).reshape(b, h, m, n)
+        done = self.k.quantized_length
+        scores[..., done:] = torch.matmul(q, self.k.recent.view().transpose(-1, -2))
+        scores.mul_(scale)
+        if mask is not None:
+            scores.masked_fill_(~mask, float("-inf"))
+        probs = scores.softmax(-1)
+        out = torch.matmul(probs[..., done:], self.v.recent.view())  # [B, Hkv, M, Dv]: the exact residual
+        outg = out.view(b, h, m, -1, token_group(self.v.group, self.v.width))  # [B, Hkv, M, W/g, g]
+        for start, codes, scale_, zero in self.v.code_blocks(BLOCK):  # values: per token, groups of g channels
+            n, g = codes.shape[2], outg.shape[-1]
+            p = probs[..., start:start + n]  # [B, Hkv, M, n]
+            # the scales go to p: [B, Hkv, W/g, M, n], contiguous per channel group
+            ps = p.unsqueeze(2) * scale_.float().transpose(-1, -2).unsqueeze(3)
+            for j in range(outg.shape[3]):
+                outg[:, :, :, j] += torch.matmul(ps[:, :, j], codes[..., j * g:(j + 1) * g])
+            outg += torch.matmul(p, zero.float()).unsqueeze(-1)  # sum_t p_t z_t per channel group
+        self.k.flush()
+        self.v.flush()
+        return out
 
 
 def quantized_kv_bytes(spec, tokens: int, batch: int, elem_bytes: int) -> int:
