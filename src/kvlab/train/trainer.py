@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,14 +141,18 @@ def estimate_train_bytes(config: ModelConfig, n_params: int, rows: int, seq: int
 # ---- the trainer --------------------------------------------------------------------------------------
 class Trainer:
     """Trains ``model_config`` into ``out_dir``. ``train_ids`` / ``val_ids`` are token-id arrays for the
-    language-model task (unused for ``task="recall"``). ``resume`` continues the run in ``out_dir``."""
+    language-model task (unused for ``task="recall"``). ``resume`` continues the run in ``out_dir``. Hooks:
+    start from ``model``; train only parameters named ``trainable(name)``; ``objective(model)`` is the module
+    DDP wraps, its ``forward(batch)`` the loss (default: next tokens); ``eval_hook(model)`` adds metrics."""
 
     def __init__(self, model_config: ModelConfig, cfg: TrainConfig, out_dir: str | Path,
                  train_ids: np.ndarray | None = None, val_ids: np.ndarray | None = None, *,
                  force: bool = False, resume: bool = False, tokenizer_file: str | Path | None = None,
-                 meta: dict | None = None, progress: bool = True):
+                 meta: dict | None = None, progress: bool = True, model: torch.nn.Module | None = None,
+                 trainable: Callable[[str], bool] | None = None, objective: Callable | None = None,
+                 eval_hook: Callable | None = None, desc: str = "train"):
         cfg.validate()
-        self.cfg, self.out = cfg, Path(out_dir)
+        self.cfg, self.out, self.eval_hook, self.desc = cfg, Path(out_dir), eval_hook, desc  # desc: bar label
         self.meta, self.progress, self.tokenizer_file = meta or {}, progress, tokenizer_file
         self.rank, self.world = self._init_distributed()
         self.device = torch.device(cfg.device if cfg.device != "cuda" or self.world == 1
@@ -167,9 +172,12 @@ class Trainer:
         self.train_data, self.val_data = self._streams(model_config, train_ids, val_ids)
         self._prepare_folder(force, resume)  # only after every check: a refused run deletes nothing
         torch.manual_seed(cfg.seed)
-        self.model = Model(model_config).to(self.device).train()
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        other = [p for p in self.model.parameters() if p.dim() < 2]
+        self.model = (Model(model_config) if model is None else model).to(self.device).train()
+        params = [p for name, p in self.model.named_parameters() if trainable is None or trainable(name)]
+        for p in self.model.parameters():  # the others are frozen (an empty selection: AdamW refuses)
+            p.requires_grad_(any(p is q for q in params))
+        decay = [p for p in params if p.dim() >= 2]
+        other = [p for p in params if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": other, "weight_decay": 0.0}],
                                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
@@ -177,11 +185,12 @@ class Trainer:
         self.step = 0
         if resume:
             self._load_state()
-        self.net = self.model
+        self.objective = None if objective is None else objective(self.model)
+        self.net = self.core = self.model if self.objective is None else self.objective  # the loss's module
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index]
+            self.net = DistributedDataParallel(self.core, device_ids=[self.device.index]
                                                if self.device.type == "cuda" else None)
         if cfg.compile:
             self.net = torch.compile(self.net)
@@ -245,6 +254,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _loss(self, net, batch) -> torch.Tensor:
+        if self.objective is not None:  # ``net`` is the objective (possibly DDP-wrapped)
+            with self._autocast():
+                return net(tuple(t.to(self.device) for t in batch))
         inputs, targets = batch[0].to(self.device), batch[1].to(self.device)
         with self._autocast():
             logits = net(inputs)  # [B, S, V]
@@ -281,8 +293,10 @@ class Trainer:
         """Validation loss on fixed batches (the same every time), plus recall accuracy for that task."""
         self.model.eval()
         try:
-            losses = [float(self._loss(self.model, self.val_data.batch_at(i))) for i in range(self.cfg.eval_batches)]
+            losses = [float(self._loss(self.core, self.val_data.batch_at(i))) for i in range(self.cfg.eval_batches)]
             out = {"val_loss": sum(losses) / len(losses)}
+            if self.eval_hook is not None and self.rank == 0:
+                out.update(self.eval_hook(self.model))
             if self.cfg.task == "recall":
                 out["recall_acc"] = recall_accuracy(self.model, self.cfg.recall_task(), self.cfg.seq,
                                                     n_samples=self.cfg.batch * self.cfg.eval_batches,
@@ -301,7 +315,7 @@ class Trainer:
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         tokens_per_step = cfg.batch * cfg.seq * cfg.grad_accum
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress or self.rank != 0,
-                   desc="train", unit="step", dynamic_ncols=True)
+                   desc=self.desc, unit="step", dynamic_ncols=True)
         last: dict = {}
         started, done = time.perf_counter(), 0
         try:
