@@ -175,7 +175,6 @@ def compare_base(base: str, out: Path, budget: BaseBudget, log=print) -> dict:
         raise KvlabError(f"{out}: exists and is not a kvlab compare folder; refusing to write into it")
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     rows = [r for r in ROWS if budget.rows is None or r.name in budget.rows]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     sessions: list = []
 
     def session() -> Session:  # loaded only when a job is not cached

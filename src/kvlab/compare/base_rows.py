@@ -97,7 +97,7 @@ class BaseBudget:
         if name == "quick":
             return cls(calib_len=256, eval_samples=2, eval_len=128, chunk=64, heal_tokens=128, heal_seq=128,
                        needle_contexts=[128, 256], needle_depths=[0.5], speed_lengths=[128, 512], speed_layers=30,
-                       memory_context=512, max_chars=200_000, rows=["MQA (fit merge)", "int4 KV"], name="quick")
+                       max_chars=200_000, rows=["MQA (fit merge)", "int4 KV"], name="quick")
         if name == "default":
             return cls()
         if name == "small":
