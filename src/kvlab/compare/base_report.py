@@ -68,7 +68,9 @@ def summarize(base: str, rows: list, results: dict, budget, seconds: float) -> d
                        "decode_exponent": results["complexity"]["source"]["decode_exponent"],
                        "memory_curve": {str(n): plan(src_cfg, context=n).total_bytes
                                         for n in (512, 1024, 2048, 4096, 8192, 16384, 32768)}},
-            "rows": out_rows, "job_seconds": {k: results[k]["seconds"] for k in ("needle_free", "needle_healed", "complexity")}}
+            "rows": out_rows, "job_seconds": {k: results[k]["seconds"] for k in ("needle_free", "needle_healed", "complexity")},
+            "jobs_total_seconds": sum(results[k]["seconds"] for k in ("needle_free", "needle_healed", "complexity"))
+            + sum(sum(r["job_seconds"].values()) for r in out_rows.values())}
 
 
 def _pm(values: list[float], digits: int = 1) -> str:
@@ -125,7 +127,8 @@ def method(summary: dict) -> str:
             f"{b['memory_context']}: `kvlab plan`, which equals the live cache at every length measured (asserted)."
             f"{eight} The budget rows reuse the committed per-layer plans docs/convert/smollm2-b25/plan.json and "
             f"smollm2-b10/plan.json (`--to plan.json`) instead of re-running the sensitivity search. "
-            f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; this invocation {summary['seconds'] / 60:.1f} min.")
+            f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; the jobs took {summary['jobs_total_seconds'] / 60:.1f} "
+            f"min in all (each timed when it ran), this invocation {summary['seconds'] / 60:.1f} min.")
 
 
 def markdown(summary: dict) -> str:
@@ -145,12 +148,12 @@ def plots(summary: dict, out: Path) -> None:
     rows = summary["rows"]
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (name, r) in enumerate(rows.items()):
-        x, y0, y1 = r["bytes_per_token_live"], mean_sd(r["free"]["ppl_drop_pct"])[0], mean_sd(r["healed"]["ppl_drop_pct"])[0]
+        x, y0, y1 = r["bytes_per_token_plan_mem"], mean_sd(r["free"]["ppl_drop_pct"])[0], mean_sd(r["healed"]["ppl_drop_pct"])[0]
         ax.scatter([x], [max(y0, 1e-2)], color=f"C{i % 10}", marker="o", label=name)
         ax.scatter([x], [max(y1, 1e-2)], color=f"C{i % 10}", marker="*", s=90)
         ax.annotate("", xy=(x, max(y1, 1e-2)), xytext=(x, max(y0, 1e-2)),
                     arrowprops={"arrowstyle": "->", "color": f"C{i % 10}", "lw": 0.8})
-    ax.set(xscale="log", yscale="log", xlabel="KV bytes per token (measured live)",
+    ax.set(xscale="log", yscale="log", xlabel=f"KV bytes per token @ {summary['budget']['memory_context']} (kvlab plan = live)",
            ylabel="perplexity drop % vs source (o free, * healed; < 0.01 drawn at 0.01)", title=f"{summary['base']}: quality vs memory")
     ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
