@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
+import torch
+
 import kvlab
 from kvlab.errors import KvlabError
 
@@ -48,3 +50,14 @@ def shaped_config(layer: dict | None = None, n_layers: int | None = None) -> dic
     layers = n_layers or 30
     return {"name": "smollm2-shape", "vocab_size": 49152, "d_model": 576, "n_layers": layers, "mlp_hidden": 1536,
             "tie_embeddings": True, "norm_eps": 1e-5, "layers": [{**base, **(layer or {})} for _ in range(layers)]}
+
+
+@torch.inference_mode()
+def timed_steps(model, cache, steps: int, clock) -> list[float]:
+    """Seconds (by ``clock``) of each of ``steps`` one-token greedy decode steps continuing ``cache``."""
+    token, times = torch.full((cache.batch_size, 1), 7), []
+    for _ in range(steps):
+        t0 = clock()
+        token = model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
+        times.append(clock() - t0)
+    return times

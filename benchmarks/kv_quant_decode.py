@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
-from _smollm2 import shaped_config  # noqa: E402
+from _smollm2 import shaped_config, timed_steps  # noqa: E402
 
 from kvlab import Model, ModelConfig  # noqa: E402
 
@@ -58,16 +58,6 @@ def filled_cache(model: Model, context: int, chunk: int = 1024):
     return cache
 
 
-@torch.inference_mode()
-def steps(model: Model, cache, n: int, clock) -> list[float]:
-    token, times = torch.tensor([[7]]), []
-    for _ in range(n):
-        t0 = clock()
-        token = model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
-        times.append(clock() - t0)
-    return times
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", type=int, nargs="*", default=[2048, 8192])
@@ -92,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.rounds + 1):  # round 0 warms up
             order = list(models) if r % 2 == 0 else list(reversed(models))
             for v in order:
-                t = steps(models[v], caches[v], args.steps, clock)
+                t = timed_steps(models[v], caches[v], args.steps, clock)
                 if r:
                     samples[v] += t
         base = statistics.median(samples["fp32"])

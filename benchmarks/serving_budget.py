@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
-from _smollm2 import shaped_config  # noqa: E402
+from _smollm2 import shaped_config, timed_steps  # noqa: E402
 
 import kvlab  # noqa: E402
 from kvlab import Model, ModelConfig  # noqa: E402
@@ -80,16 +80,6 @@ def share_weights(model: Model, runs: dict) -> Model:
     for mine, theirs in zip(model.layers, first.layers):
         mine.mlp, mine.post_attention_layernorm = theirs.mlp, theirs.post_attention_layernorm
     return model
-
-
-@torch.inference_mode()
-def timed_steps(model: Model, cache, steps: int, clock) -> list[float]:
-    token, times = torch.full((cache.batch_size, 1), 7), []
-    for _ in range(steps):
-        t0 = clock()
-        token = model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
-        times.append(clock() - t0)
-    return times
 
 
 def main(argv: list[str] | None = None) -> None:
