@@ -61,3 +61,13 @@ def timed_steps(model, cache, steps: int, clock) -> list[float]:
         token = model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
         times.append(clock() - t0)
     return times
+
+
+def timing_args(parser, rounds: int, steps: int) -> None:
+    """The flags every SmolLM2-shaped decode benchmark takes: model depth, repeats, threads, clock, --quick."""
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    parser.add_argument("--quick", action="store_true")

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
-from _smollm2 import shaped_config, timed_steps  # noqa: E402
+from _smollm2 import shaped_config, timed_steps, timing_args  # noqa: E402
 
 from kvlab import Model, ModelConfig  # noqa: E402
 
@@ -61,12 +61,7 @@ def filled_cache(model: Model, context: int, chunk: int = 1024):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", type=int, nargs="*", default=[2048, 8192])
-    parser.add_argument("--layers", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
-    parser.add_argument("--quick", action="store_true")
+    timing_args(parser, rounds=5, steps=4)
     args = parser.parse_args(argv)
     name = "kv_quant_decode"
     if args.quick:

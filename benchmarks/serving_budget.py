@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
-from _smollm2 import shaped_config, timed_steps  # noqa: E402
+from _smollm2 import shaped_config, timed_steps, timing_args  # noqa: E402
 
 import kvlab  # noqa: E402
 from kvlab import Model, ModelConfig  # noqa: E402
@@ -88,12 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--max-batch", type=int, default=16, help="cap on the measured batch (CPU time)")
     parser.add_argument("--sweep", type=int, nargs="*", default=[1, 2, 4, 8], help="source batches timed")
-    parser.add_argument("--layers", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
-    parser.add_argument("--quick", action="store_true")
+    timing_args(parser, rounds=3, steps=2)
     args = parser.parse_args(argv)
     name = "serving_budget"
     if args.quick:
