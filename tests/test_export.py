@@ -1,6 +1,7 @@
 """``kvlab export``: each exportable kind of tiny random model reloads in stock transformers
-(``AutoModelForCausalLM``, no remote code) with kvlab's logits (1e-4) and greedy tokens; refusals are one
-line and write nothing; the output folder rules. Engine round trips (vLLM, llama.cpp) and SmolLM2 are in
+(``AutoModelForCausalLM``, no remote code) with kvlab's logits (1e-4) and greedy tokens (MLA with any
+biases as DeepSeek V3, Gemma 4 with last-n KV sharing as Gemma 4); refusals are one line and write nothing;
+the output folder rules. Engine round trips (vLLM, llama.cpp) and SmolLM2 are in
 ``test_export_engines.py``."""
 
 import json
@@ -18,6 +19,13 @@ transformers = pytest.importorskip("transformers")
 GQA = {"type": "full", "n_heads": 4, "n_kv_heads": 2}
 MLA = {"type": "mla", "n_heads": 4, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 12}
 SWA = {"type": "sliding", "window": 5, "n_heads": 4, "n_kv_heads": 2}
+G4_SLIDING = {"type": "sliding", "window": 5, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "qk_norm": True,
+              "v_norm": True, "softmax_scale": 1.0, "rope": {"theta": 1e4}}
+G4_FULL = {"type": "full", "n_heads": 4, "n_kv_heads": 1, "head_dim": 32, "qk_norm": True, "v_norm": True,
+           "k_eq_v": True, "softmax_scale": 1.0, "rope": {"theta": 1e6, "partial": 0.25,
+                                                          "scaling": {"rope_type": "proportional"}}}
+GEMMA4 = {"mlp_act": "gelu_tanh", "sandwich_norms": True, "embed_scale": 8.0, "logit_softcap": 30.0,
+          "layer_scalar": True, "per_layer_embeddings": {"dim": 8, "vocab": 97}, "tie_embeddings": True}
 CASES = {  # name -> (layers, model extras, expected stock family)
     "mha": ([{"type": "full", "n_heads": 4}] * 2, {}, "llama"),
     "gqa": ([GQA] * 2, {}, "llama"),
@@ -31,6 +39,12 @@ CASES = {  # name -> (layers, model extras, expected stock family)
     "mixed-full-sliding": ([SWA, GQA, SWA], {}, "qwen2"),
     "mla": ([MLA] * 2, {"rope": {"interleaved": True}}, "deepseek_v3"),
     "mla-q-lora-rotate-half": ([{**MLA, "q_lora_rank": 12}] * 2, {}, "deepseek_v3"),
+    "mla-kv-bias": ([{**MLA, "qkv_bias": True}] * 2, {"rope": {"interleaved": True}}, "deepseek_v3"),
+    "mla-o-bias-q-lora-linear-rope": ([{**MLA, "q_lora_rank": 12, "o_bias": True}] * 2,
+                                      {"rope": {"scaling": {"type": "linear", "factor": 3.0}}}, "deepseek_v3"),
+    "gemma4-last-2-shared": ([G4_SLIDING, G4_SLIDING, G4_FULL, {**G4_SLIDING, "mlp_hidden": 192},
+                              {**G4_FULL, "mlp_hidden": 192}], {**GEMMA4, "kv_sharing": {"last": 2}}, "gemma4_text"),
+    "gemma4-unshared": ([G4_SLIDING, G4_FULL], GEMMA4, "gemma4_text"),
 }
 
 
@@ -72,6 +86,18 @@ REFUSED = {  # name -> (layers, words the one-line refusal must contain)
     "two-windows": ([SWA, {**SWA, "window": 7}], "window sizes"),
     "mixed-mla-full": ([MLA, GQA], "'mla'"),
 }
+
+
+def test_sharing_that_is_not_gemma_4_is_refused_naming_the_difference(tmp_path):
+    """Gemma 4's rule only: a Gemma 4 model sharing every 2nd layer (CLA) and a Llama model sharing the
+    last layer are refused in one line that says why they are not Gemma 4."""
+    gemma_cla = tiny_config([G4_SLIDING, G4_SLIDING, G4_FULL, G4_FULL], **GEMMA4, kv_sharing={"every": 2})
+    llama_last = tiny_config([GQA, GQA, GQA], kv_sharing={"last": 1})
+    for config, why in ((gemma_cla, "layer 1's kv_from is 0 where Gemma 4's is None"),
+                        (llama_last, "sandwich_norms is False where Gemma 4's is True")):
+        with pytest.raises(UnsupportedError) as info:
+            export(build(config), "hf", tmp_path / "out", check=False)
+        assert "\n" not in str(info.value) and "not Gemma 4" in str(info.value) and why in str(info.value)
 
 
 @pytest.mark.parametrize("name", list(REFUSED))

@@ -6,7 +6,8 @@ same greedy tokens, or a near-tie within the measured logit error). The engines 
 
 The MQA and MLA variants are stand-ins for ``kvlab convert`` (built by weight manipulation below): MQA
 mean-pools the 3 KV heads; MLA represents that MQA model exactly (the RoPE key is the MQA key, the latent
-is the normalised hidden state, so the latent norm is exact up to its eps)."""
+is the normalised hidden state, so the latent norm is exact up to its eps). ``mqa-convert`` and
+``mla-convert`` are what ``kvlab convert``'s own library makes of SmolLM2 (``--to mqa`` and ``--to mla``)."""
 
 import copy
 import json
@@ -95,10 +96,10 @@ def smollm2():
     folder = smollm2_folder()
     base = kvlab.load(folder).eval()
     mqa = to_mqa(base)
-    # convert's MLA is not exported here: it keeps RoPE pairs per layer (per-layer RoPE) and carries its latent
-    # norm's constant in a bias, neither of which stock DeepseekV3 has (export refuses it in one line)
-    (fit_mqa,) = converted(base, ["mqa"])
-    return folder, {"gqa": base, "mqa": mqa, "mla": to_mla(mqa), "mqa-convert": fit_mqa}
+    # convert's default MLA (rank 80, 16 RoPE dims): one RoPE pair progression for the whole model
+    # (select=norm), its latent norm's constant channel a kv_a_proj_with_mqa bias (DeepseekV3's attention_bias)
+    fit_mqa, fit_mla = converted(base, ["mqa", "mla"])
+    return folder, {"gqa": base, "mqa": mqa, "mla": to_mla(mqa), "mqa-convert": fit_mqa, "mla-convert": fit_mla}
 
 
 @pytest.fixture(scope="session")
@@ -129,18 +130,19 @@ def hf_exports(smollm2, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,family", [("gqa", "llama"), ("mqa", "llama"), ("mla", "deepseek_v3"),
-                                         ("mqa-convert", "llama")])
+                                         ("mqa-convert", "llama"), ("mla-convert", "deepseek_v3")])
 def test_smollm2_hf_exports_match_stock_transformers(smollm2, hf_exports, prompt, name, family):
-    """The export's own check (export_check.json, fp32): greedy tokens equal, logits within 1e-4 (Llama).
-    For MLA, HF expands the latent into per-head K/V while kvlab absorbs the up-projections for short
-    inputs: another fp32 summation order, which this model (latent = hidden / norm weight, weights up to 5e3)
-    amplifies to ~1e-3 (kvlab's own fp32-vs-fp64 error is 3-5e-4 here). Exactness is therefore also
-    checked in fp64, where rounding cannot hide a mismatch: stock AutoModelForCausalLM within 1e-4."""
+    """The export's own check (export_check.json, fp32): greedy tokens equal, logits within 1e-4 (Llama
+    and convert's MLA). For the MLA stand-in, HF expands the latent into per-head K/V while kvlab absorbs
+    the up-projections for short inputs: another fp32 summation order, which this model (latent = hidden /
+    norm weight, weights up to 5e3) amplifies to ~1e-3 (kvlab's own fp32-vs-fp64 error is 3-5e-4 here).
+    Exactness is therefore also checked in fp64, where rounding cannot hide a mismatch: stock
+    AutoModelForCausalLM within 1e-4."""
     report = hf_exports[name]
     record = json.loads((report["path"] / "export_check.json").read_text())["checks"][0]
     assert report["family"] == family and record["engine"].startswith("transformers")
     assert record["greedy"] == "equal", record
-    assert record["max_abs_logit_diff"] < (2e-3 if family == "deepseek_v3" else 1e-4), record
+    assert record["max_abs_logit_diff"] < (2e-3 if name == "mla" else 1e-4), record
     model = copy.deepcopy(smollm2[1][name]).double()
     reference = transformers.AutoModelForCausalLM.from_pretrained(report["path"], dtype=torch.float64).eval()
     ids = torch.tensor([prompt])
@@ -149,7 +151,15 @@ def test_smollm2_hf_exports_match_stock_transformers(smollm2, hf_exports, prompt
     del model, reference
     if family == "deepseek_v3":
         hf = json.loads((report["path"] / "config.json").read_text())
-        assert (hf["first_k_dense_replace"], hf["q_lora_rank"], hf["rope_interleave"]) == (30, None, True)
+        assert (hf["first_k_dense_replace"], hf["q_lora_rank"]) == (30, None)
+        assert hf["rope_interleave"] == (name == "mla") and hf["attention_bias"] == (name == "mla-convert")
+
+
+def test_smollm2_convert_mla_gguf_is_refused_for_its_layer_count(smollm2, tmp_path):
+    """llama.cpp 0.3.36 reads a dense-q deepseek2 GGUF only at 26/27 layers ("lite"); SmolLM2 has 30."""
+    with pytest.raises(kvlab.UnsupportedError, match="30 layers.*26 or 27") as info:
+        export(smollm2[1]["mla-convert"], "gguf", tmp_path / "gguf", check=False)
+    assert "\n" not in str(info.value) and not (tmp_path / "gguf").exists()
 
 
 def test_vllm_greedy_matches_kvlab(smollm2, hf_exports, prompt, tmp_path):

@@ -25,8 +25,7 @@ from tqdm import tqdm
 
 from kvlab.attention._common import ForwardContext
 from kvlab.config import ModelConfig
-from kvlab.convert.build import layer_weights
-from kvlab.convert.registry import ConvertEnv, LayerWork, get_target
+from kvlab.convert.registry import ConvertEnv, get_target
 from kvlab.convert.spec import parse_layer_spec
 from kvlab.errors import KvlabError
 
@@ -104,10 +103,10 @@ def measure(model, stats: list, context: int, menus: list[list[str]], chunk: int
         x = stats[i].x_seq
         reference = run_layer(model.layers[i].self_attn, x, chunk)
         scale = stats[i].h_sq * x.shape[0]
-        env = ConvertEnv(config, stats, [], 0)
+        env = ConvertEnv(config, stats, [], 0, state)  # no plan: a model-wide choice sees this layer alone
         cands = []
         for step in menu:
-            work = LayerWork(i, config.layers[i], layer_weights(state, i))
+            work = env.source_layer(i)
             for name, opts in parse_layer_spec(step, f"menu[{i}]"):
                 work = get_target(name).fn(work, opts, env)
             module, resolved = _layer_module(config, i, work.spec, work.weights)

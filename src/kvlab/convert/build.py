@@ -6,14 +6,9 @@ import torch
 from tqdm import tqdm
 
 from kvlab.config import ModelConfig
-from kvlab.convert.registry import ConvertEnv, LayerWork, get_target
+from kvlab.convert.registry import ConvertEnv, get_target
 from kvlab.convert.spec import Step
 from kvlab.errors import ConfigError, KvlabError
-
-
-def layer_weights(state: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
-    prefix = f"layers.{i}.self_attn."
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def needs_calibration(plan: list[list[Step]]) -> bool:
@@ -27,10 +22,10 @@ def convert_layers(model, plan: list[list[Step]], stats: list, seed: int = 0,
     if len(plan) != config.n_layers:
         raise ConfigError(f"plan: {len(plan)} layer entries for a {config.n_layers}-layer model")
     state = dict(model.state_dict())
-    env = ConvertEnv(config, stats, [], seed)
+    env = ConvertEnv(config, stats, [], seed, state, plan)
     with torch.no_grad():
         for i, steps in enumerate(tqdm(plan, desc="convert", unit="layer", disable=not progress)):
-            work = LayerWork(i, config.layers[i], layer_weights(state, i))
+            work = env.source_layer(i)
             for name, opts in steps:
                 work = get_target(name).fn(work, opts, env)
             env.done.append(work)

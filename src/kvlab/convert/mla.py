@@ -4,8 +4,13 @@
    ``p`` by ``sum_h |q_h,p| |k_h,p|`` (calibration RMS norms). kvlab's MLA rotates its RoPE key with one
    ``RopeConfig``, whose frequencies are a geometric series, so the kept pairs must form an arithmetic
    progression ``a, a + s, ...`` of the source's pairs (then ``theta' = theta^(s D_R / R)`` and a linear
-   scaling factor ``theta^(2a / R)`` reproduce their frequencies exactly); ``norm`` picks the best such
-   progression, ``high`` the first pairs, ``uniform`` every ``P / n``-th. MLA shares one RoPE key among
+   scaling factor ``theta^(2a / R)`` reproduce their frequencies exactly). ``norm`` (default) picks the
+   best such progression for the whole model: one ``(a, s)`` for every layer the plan converts with the
+   same ``rope`` and ``select``, maximising the sum over those layers of each layer's score normalised to
+   sum 1 (scored on the layers' source weights), so every layer gets the same RoPE and the model exports
+   to stock DeepSeek V3 (``kvlab export``), whose RoPE is one config for all layers; ``layer`` picks the best
+   progression per layer (per-layer RoPE: kvlab serves it, stock engines do not); ``high`` takes the first
+   pairs, ``uniform`` every ``P / n``-th (both layer-independent). MLA shares one RoPE key among
    all heads: per kept pair it is the query-weighted rank-1 merge of the KV heads' pairs (as ``gqa:fit``),
    each query head re-scaled by its head's complex coefficient.
 2. Joint low-rank latent of ``[K_nope ; V]``, activation-aware: the top ``R - 1`` principal components of
@@ -41,8 +46,12 @@ from kvlab.errors import ConfigError, UnsupportedError
 CONST_RATIO = 1e4
 
 
+SELECT = ("norm", "layer", "high", "uniform")
+
+
 def choose_pairs(score: torch.Tensor, n: int, select: str) -> tuple[int, int]:
-    """``(a, s)``: the kept pairs are ``a + s * j``, ``j < n``, of ``len(score)`` pairs."""
+    """``(a, s)``: the kept pairs are ``a + s * j``, ``j < n``, of ``len(score)`` pairs (``norm`` and
+    ``layer``: the progression of highest summed ``score``)."""
     pairs = len(score)
     if select == "high":
         return 0, 1
@@ -57,6 +66,36 @@ def choose_pairs(score: torch.Tensor, n: int, select: str) -> tuple[int, int]:
         if n == 1:
             break
     return choice
+
+
+def pair_energies(work: LayerWork, env: ConvertEnv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per RoPE pair of ``work``'s layer: query energy ``[H, P]``, the keys as complex rows
+    ``[Hkv, P, n]``, and MHA2MLA's 2-norm score ``sum_h |q_h,p| |k_h,p|`` ``[P]``."""
+    spec = work.spec.resolved(env.config)
+    group = spec.n_heads // spec.n_kv_heads
+    re, im, rest = pair_layout(spec.rope, spec.head_dim)
+    mats, xx = qkvo(work, spec), env.stats[work.index].xx
+    q_pair, _ = query_energy(mats["q"], xx, re, im, rest)  # [H, P]
+    kc = as_complex(mats["k"], re, im)  # [Hkv, P, n]
+    k_pair = torch.einsum("gpn,nk,gpk->gp", kc, xx.to(kc.dtype), kc.conj()).real
+    score = (q_pair.clamp_min(0).sqrt() * k_pair.clamp_min(0).sqrt().repeat_interleave(group, 0)).sum(0)
+    return q_pair, kc, score
+
+
+def model_progression(work: LayerWork, opts: dict, env: ConvertEnv, score: torch.Tensor) -> tuple[int, int]:
+    """``select=norm``'s one ``(a, s)`` for every layer of the plan converted to MLA with the same ``rope``
+    and ``select`` (this layer alone when ``env`` has no plan), computed once."""
+    key = ("mla", opts["rope"], opts["select"])
+    if key not in env.shared:
+        same = [j for j, steps in enumerate(env.plan) if any(
+            name == "mla" and (o["rope"], o["select"]) == key[1:] for name, o in steps)]
+        scores = [score if j == work.index else pair_energies(env.source_layer(j), env)[2] for j in same or [work.index]]
+        if len({len(x) for x in scores}) > 1:
+            raise ConfigError("mla: select=norm needs the same number of RoPE pairs on every converted layer; "
+                              "use select=layer")
+        total = sum(x / x.sum().clamp_min(1e-30) for x in scores)
+        env.shared[key] = choose_pairs(total, opts["rope"] // 2, "norm")
+    return env.shared[key]
 
 
 def mla_rope(rope: RopeConfig, rot_dim: int, d_rope: int, a: int, s: int) -> RopeConfig:
@@ -92,18 +131,18 @@ def to_mla(work: LayerWork, opts: dict, env: ConvertEnv) -> LayerWork:
     rank = opts["rank"] or max(2, (2 * hkv * dim) // 4 - d_rope)
     if rank < 2:
         raise ConfigError(f"layers[{work.index}]: mla: rank must be >= 2 (one channel carries the norm), got {rank}")
-    if opts["select"] not in ("norm", "high", "uniform"):
-        raise ConfigError(f"layers[{work.index}]: mla: select must be norm, high or uniform")
+    if opts["select"] not in SELECT:
+        raise ConfigError(f"layers[{work.index}]: mla: select must be one of {', '.join(SELECT)}")
     mats, xx = qkvo(work, spec), env.stats[work.index].xx
     if spec.qkv_bias and float(mats["q"][..., -1].abs().max()) > 0:
         raise UnsupportedError(f"layers[{work.index}]: mla: query biases are not supported (MLA's q_proj has none)")
     q, k, v = mats["q"], mats["k"], mats["v"]
     # 1. which pairs keep RoPE, and the shared RoPE key
-    q_pair, q_free = query_energy(q, xx, re, im, rest)  # [H, P], [H, R]
-    kc = as_complex(k, re, im)  # [Hkv, P, n]
-    k_pair = torch.einsum("gpn,nk,gpk->gp", kc, xx.to(kc.dtype), kc.conj()).real
-    score = (q_pair.clamp_min(0).sqrt() * k_pair.clamp_min(0).sqrt().repeat_interleave(group, 0)).sum(0)
-    a, s = choose_pairs(score, n_pairs, opts["select"])
+    q_pair, kc, score = pair_energies(work, env)  # [H, P], [Hkv, P, n], [P]
+    if opts["select"] == "norm":
+        a, s = model_progression(work, opts, env, score)
+    else:
+        a, s = choose_pairs(score, n_pairs, opts["select"])
     kept = a + s * torch.arange(n_pairs)
     pair_w = q_pair.view(hkv, group, -1).sum(1)[:, kept].T  # [n, Hkv]
     z, coef = rank1_merge(kc[:, kept].transpose(0, 1), pair_w, xx)  # [n, n_aug], [n, Hkv]

@@ -4,8 +4,9 @@ does for attention techniques), so a new target is one new file.
 
 A target is a function ``(work: LayerWork, opts: dict, env: ConvertEnv) -> LayerWork``: it takes one
 layer's spec and attention weights (as converted so far by the earlier steps of that layer) and returns
-the new spec and weights. ``env`` carries the source model's config, the calibration statistics and the
-layers converted so far (cross-layer targets read their producers there).
+the new spec and weights. ``env`` carries the source model's config, weights and calibration statistics,
+the whole plan, and the layers converted so far (cross-layer targets read their producers there; a
+target that makes one choice for the whole model computes it once and keeps it in ``env.shared``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ import torch
 from kvlab.config import LayerSpec, ModelConfig
 from kvlab.errors import ConfigError
 from kvlab.plugins import import_submodules
+
+
+def layer_weights(state: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Layer ``i``'s attention entries of a model state dict, without the ``layers.{i}.self_attn.`` prefix."""
+    prefix = f"layers.{i}.self_attn."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 @dataclass
@@ -38,6 +45,13 @@ class ConvertEnv:
     stats: list  # per-layer ``LayerStats`` (kvlab.convert.calibrate), or [] when not calibrated
     done: list[LayerWork] = field(default_factory=list)  # layers already converted (0 .. i-1)
     seed: int = 0
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # the source model's state dict
+    plan: list = field(default_factory=list)  # every layer's steps (kvlab.convert.spec.Step); [] = this layer alone
+    shared: dict = field(default_factory=dict)  # model-wide choices, computed once by the first layer needing them
+
+    def source_layer(self, i: int) -> LayerWork:
+        """Layer ``i`` of the source, as it enters its first step."""
+        return LayerWork(i, self.config.layers[i], layer_weights(self.state, i))
 
 
 @dataclass

@@ -137,7 +137,8 @@ def _tokenizer_metadata(writer, source: Path | None, vocab_size: int) -> str:
 def ensure_llama(config, layout: Layout) -> None:
     """Refuse (one line) what kvlab's llama-arch GGUF writer cannot represent exactly."""
     if layout.family != "llama":
-        what = {"mistral": "sliding-window attention", "qwen2": "q/k/v biases or sliding windows"}[layout.family]
+        what = {"mistral": "sliding-window attention", "qwen2": "q/k/v biases or sliding windows",
+                "gemma4_text": "the Gemma 4 architecture"}[layout.family]
         raise refuse(config, f"{what} ({layout.family})", f"{what} in kvlab's GGUF writer, which writes "
                      "llama and deepseek2 GGUFs; use --format hf")
     kind = (layout.spec.rope.scaling or {}).get("rope_type", (layout.spec.rope.scaling or {}).get("type", "default"))

@@ -1,6 +1,7 @@
 """Hugging Face export: ``config.json`` of a stock transformers family + ``model.safetensors`` (no
 ``trust_remote_code``). The inverse of ``kvlab.hf`` (which loads the same families): tensor names gain the
-``model.`` prefix; Qwen2 gets zero q/k/v biases when kvlab has none (its projections are always biased)."""
+``model.`` prefix; a family whose projections are always biased gets zero biases where kvlab has none
+(``zero_biases``: Qwen2's q/k/v, DeepSeek V3's o_proj or q/kv projections under one ``attention_bias``)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import torch
 from safetensors.torch import save_file
 
 from kvlab.config import ModelConfig, RopeConfig
+from kvlab.export.gemma4 import gemma4_hf_config, gemma4_state
 from kvlab.export.layout import Layout
 from kvlab.export.outdir import OutputFolder
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "deepseek_v3": "DeepseekV3ForCausalLM"}
+                 "deepseek_v3": "DeepseekV3ForCausalLM", "gemma4_text": "Gemma4ForCausalLM"}
 
 
 def rope_parameters(rope: RopeConfig) -> dict:
@@ -30,6 +32,9 @@ def rope_parameters(rope: RopeConfig) -> dict:
 def hf_config(config: ModelConfig, layout: Layout) -> dict:
     """The ``config.json`` of the stock family ``layout.family``."""
     spec = layout.spec
+    if layout.family == "gemma4_text":
+        return {"architectures": [ARCHITECTURES[layout.family]], "model_type": layout.family,
+                **gemma4_hf_config(config), "dtype": config.dtype, "use_cache": True}
     out = {
         "architectures": [ARCHITECTURES[layout.family]],
         "model_type": layout.family,
@@ -73,7 +78,7 @@ def _deepseek_fields(config: ModelConfig, spec) -> dict:
         "v_head_dim": spec.v_head_dim,
         "head_dim": spec.qk_rope_head_dim,
         "rope_interleave": bool(spec.rope.interleaved),
-        "attention_bias": spec.qkv_bias,
+        "attention_bias": spec.qkv_bias or spec.o_bias,
         "first_k_dense_replace": config.n_layers,
         "n_routed_experts": 1,
         "n_shared_experts": 1,
@@ -89,6 +94,8 @@ def _deepseek_fields(config: ModelConfig, spec) -> dict:
 def hf_state(model, layout: Layout) -> dict[str, torch.Tensor]:
     """kvlab's tensors under HF names, contiguous, in the model's dtype."""
     config = model.config
+    if layout.family == "gemma4_text":
+        return {k: v.detach().contiguous() for k, v in gemma4_state(model).items()}
     state = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":
@@ -97,14 +104,27 @@ def hf_state(model, layout: Layout) -> dict[str, torch.Tensor]:
             state[name] = tensor
         else:
             state[f"model.{name}"] = tensor
-    if layout.family == "qwen2" and not layout.spec.qkv_bias:
-        spec = layout.spec
-        sizes = {"q_proj": spec.n_heads * spec.head_dim, "k_proj": spec.n_kv_heads * spec.head_dim,
-                 "v_proj": spec.n_kv_heads * spec.head_dim}
-        for i in range(config.n_layers):
-            for proj, size in sizes.items():
-                state[f"model.layers.{i}.self_attn.{proj}.bias"] = torch.zeros(size, dtype=model.dtype)
+    for i in range(config.n_layers):
+        for proj, size in zero_biases(config, layout).items():
+            state.setdefault(f"model.layers.{i}.self_attn.{proj}.bias", torch.zeros(size, dtype=model.dtype))
     return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def zero_biases(config: ModelConfig, layout: Layout) -> dict[str, int]:
+    """Biases the stock family always has where kvlab may have none (projection -> size): Qwen2's q/k/v;
+    DeepSeek V3's one ``attention_bias`` covers ``q_a_proj``, ``kv_a_proj_with_mqa`` and ``o_proj`` (its
+    ``q_proj``/``q_b_proj``/``kv_b_proj`` have none, as kvlab's), so kvlab's q/kv biases without an o bias
+    (``kvlab convert``'s MLA) or the reverse export exactly with zeros for the missing ones."""
+    spec = layout.spec
+    if layout.family == "qwen2" and not spec.qkv_bias:
+        return {"q_proj": spec.n_heads * spec.head_dim, "k_proj": spec.n_kv_heads * spec.head_dim,
+                "v_proj": spec.n_kv_heads * spec.head_dim}
+    if layout.family != "deepseek_v3" or not (spec.qkv_bias or spec.o_bias):
+        return {}
+    sizes = {"kv_a_proj_with_mqa": spec.kv_lora_rank + spec.qk_rope_head_dim, "o_proj": config.d_model}
+    if spec.q_lora_rank:
+        sizes["q_a_proj"] = spec.q_lora_rank
+    return sizes
 
 
 def write_hf(model, layout: Layout, out: OutputFolder, source: Path | None) -> list[str]:

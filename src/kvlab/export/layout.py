@@ -3,7 +3,10 @@ engines lack. Shared by the HF and GGUF writers (they differ only in which famil
 
 Families: ``llama`` (full attention, MHA/GQA/MQA, all four projections biased or none), ``qwen2`` (q/k/v
 biased, o not; or mixed full/sliding layers through ``layer_types``), ``mistral`` (one sliding window on
-every layer, no biases), ``deepseek_v3`` (MLA on every layer, dense MLPs). Anything else is refused.
+every layer, no biases), ``deepseek_v3`` (MLA on every layer, dense MLPs, any biases: zeros fill the rest
+of its one ``attention_bias``), ``gemma4_text`` (a Gemma 4 model, including last-n KV sharing through
+``num_kv_shared_layers``; ``gemma4.py``). Anything else is refused, cross-layer sharing on any model that is
+not exactly Gemma 4 included.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ from dataclasses import dataclass
 
 from kvlab.config import LayerSpec, ModelConfig
 from kvlab.errors import UnsupportedError
+from kvlab.export.gemma4 import MODEL_TYPE, gemma4_mismatch
 
 STOCK = "stock transformers/vLLM/llama.cpp"
 
 
 @dataclass
 class Layout:
-    family: str  # llama | mistral | qwen2 | deepseek_v3
+    family: str  # llama | mistral | qwen2 | deepseek_v3 | gemma4_text
     spec: LayerSpec  # layer 0, resolved (every layer shares its shapes)
     windows: list[int | None]  # per layer: sliding window or None (full)
 
@@ -48,8 +52,6 @@ def _model_features(config: ModelConfig) -> None:
 def _layer_features(config: ModelConfig, i: int, spec: LayerSpec) -> None:
     where = f"layer {i}"
     checks = [
-        (spec.kv_from is not None, f"{where} reuses layer {spec.kv_from}'s KV cache (cross-layer sharing)",
-         "cross-layer KV sharing outside Gemma 4's last-n rule"),
         (bool(spec.kv_quant), f"{where} has a {spec.kv_quant} KV cache", f"{spec.kv_quant} KV-cache format (vLLM: fp8 only)"),
         (spec.output_gate is not None, f"{where} has an output gate", "attention output gates"),
         (spec.v_norm or spec.k_eq_v, f"{where} has Gemma 4 value options", "value norm / K=V in these families"),
@@ -66,8 +68,17 @@ def _layer_features(config: ModelConfig, i: int, spec: LayerSpec) -> None:
 
 def classify(config: ModelConfig) -> Layout:
     """The stock family that represents ``config`` exactly; ``UnsupportedError`` (one line) otherwise."""
-    _model_features(config)
     specs = [config.layer(i) for i in range(config.n_layers)]
+    not_gemma4 = gemma4_mismatch(config)
+    if not_gemma4 is None:
+        return Layout(MODEL_TYPE, specs[0], [getattr(s, "window", None) for s in specs])
+    consumer = next((i for i, s in enumerate(specs) if s.kv_from is not None), None)
+    if consumer is not None:
+        raise refuse(config, f"layer {consumer} reuses layer {specs[consumer].kv_from}'s KV cache (cross-layer "
+                     f"sharing) and the model is not Gemma 4 ({not_gemma4})", "cross-layer KV sharing except "
+                     "Gemma 4's last-n rule (num_kv_shared_layers) on a Gemma 4 model: sandwich and q/k/v norms, "
+                     "scaled embeddings, GeGLU, layer scalars, a full last layer")
+    _model_features(config)
     types = sorted({s.type for s in specs})
     if types == ["mla"]:
         return _mla_layout(config, specs)
@@ -110,8 +121,6 @@ def _mla_layout(config: ModelConfig, specs: list) -> Layout:
         _layer_features(config, i, spec)
         if spec != first:
             raise refuse(config, f"layer {i}'s MLA differs from layer 0's", "per-layer MLA shapes")
-    if first.qkv_bias != first.o_bias:
-        raise refuse(config, "MLA with q/kv and o biases that differ", "such bias pattern (one attention_bias)")
     if first.rope.partial != 1.0:
         raise refuse(config, "partial RoPE on the MLA RoPE key", "partial RoPE in DeepSeek V3")
     return Layout("deepseek_v3", first, [None] * config.n_layers)
