@@ -73,6 +73,31 @@ def test_mla_kept_pairs_reproduce_their_frequencies():
     assert max_diff(model, conv, torch.randint(0, 97, (1, 40))) < 1e-4
 
 
+def test_mla_select_norm_is_one_progression_for_the_model():
+    """select=norm: one RoPE config on every layer (what stock DeepSeek V3 can hold), the progression of
+    highest summed per-layer normalised score; select=layer picks per layer (here: layer 0 keeps pairs
+    1, 3, 5, 7, which only it favours, layer 1 the default's best)."""
+    from kvlab.convert.mla import choose_pairs, pair_energies
+    from kvlab.convert.registry import ConvertEnv
+
+    layers = [{"type": "full", "n_heads": 2, "n_kv_heads": 1, "head_dim": 16}] * 3
+    model, _ = setup(layers)
+    with torch.no_grad():
+        q = model.layers[0].self_attn.q_proj.weight.view(2, 16, -1)
+        for p in (0, 2, 4, 6):
+            q[:, p] = q[:, p + 8] = 0
+    stats = collect(model, torch.randint(0, 97, (2, 48)), progress=False)
+    shared, per_layer = (converted(model, stats, f"mla:rank=25,rope=8,select={s}") for s in ("norm", "layer"))
+    assert len({repr(shared.config.layer(i).rope) for i in range(3)}) == 1
+    assert len({repr(per_layer.config.layer(i).rope) for i in range(3)}) > 1
+    env = ConvertEnv(model.config, stats, state=model.state_dict())
+    scores = [pair_energies(env.source_layer(i), env)[2] for i in range(3)]
+    a, s = choose_pairs(sum(x / x.sum() for x in scores), 4, "norm")
+    theta = model.config.layer(0).rope.theta
+    assert shared.config.layer(0).rope.theta == pytest.approx(theta ** (s * 8 / 16))
+
+
+
 def test_share_between_identical_layers_is_lossless():
     """Layer 0 adds nothing to the residual (zero o_proj and down_proj) and layer 1 has its norms and K/V
     weights: both see the same K/V, so layer 1 reading layer 0's cache changes nothing."""

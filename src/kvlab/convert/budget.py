@@ -55,7 +55,8 @@ def default_menu(config: ModelConfig, i: int, context: int) -> list[str]:
     for frac, rope in ((2, 16), (4, 16), (8, 8), (16, 8)):
         rank = width // frac - rope
         if rank >= 8 and rope < spec.head_dim:
-            menu += [f"mla:rank={rank},rope={rope}", f"mla:rank={rank},rope={rope}+int8"]
+            mla = f"mla:rank={rank},rope={rope},select=layer"  # per layer, as measured (norm is model-wide)
+            menu += [mla, f"{mla}+int8"]
     for frac in (4, 16):
         window = max(context // frac, 16)
         if window < context:

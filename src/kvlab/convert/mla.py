@@ -10,7 +10,8 @@
    sum 1 (scored on the layers' source weights), so every layer gets the same RoPE and the model exports
    to stock DeepSeek V3 (``kvlab export``), whose RoPE is one config for all layers; ``layer`` picks the best
    progression per layer (per-layer RoPE: kvlab serves it, stock engines do not); ``high`` takes the first
-   pairs, ``uniform`` every ``P / n``-th (both layer-independent). MLA shares one RoPE key among
+   pairs, ``uniform`` every ``P / n``-th (both layer-independent); measured on SmolLM2 in
+   ``docs/convert/mla-select.md``. MLA shares one RoPE key among
    all heads: per kept pair it is the query-weighted rank-1 merge of the KV heads' pairs (as ``gqa:fit``),
    each query head re-scaled by its head's complex coefficient.
 2. Joint low-rank latent of ``[K_nope ; V]``, activation-aware: the top ``R - 1`` principal components of
@@ -20,7 +21,9 @@
 3. kvlab's MLA (like DeepSeek's) RMS-normalises the latent. A linear K/V needs a constant norm, so one
    latent channel is a constant ``M`` (a bias), ``10^4`` times the latents' RMS norm: the RMS is then
    ``M / sqrt(R)`` to a relative ``|c|^2 / 2M^2`` (about ``5e-9``), undone by the norm's weights; that
-   channel's up-projections are zero. It costs one of the ``R + D_R`` cached values.
+   channel's up-projections are zero. It costs one of the ``R + D_R`` cached values. (Stock DeepSeek V3
+   holds the bias exactly: its ``attention_bias`` biases ``kv_a_proj_with_mqa``; ``kvlab export`` adds a
+   zero ``o_proj`` bias.)
 At full rank with every pair kept (possible when the source has one KV head) the conversion is exact.
 """
 
