@@ -136,3 +136,37 @@ def test_output_folder_rules(tmp_path, capsys):
     (user / "config.json").write_text("{}")
     assert main(["export", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(user), "--force"]) == 2
     assert "not a kvlab export folder" in capsys.readouterr().err and (user / "config.json").read_text() == "{}"
+
+
+def test_stock_gemma_4_with_kv_sharing_round_trips(tmp_path):
+    """A stock Gemma 4 (2 KV-shared layers, PLE, double-wide MLP, K=V full layers) -> kvlab -> export:
+    the export's config reads back as the same Gemma 4 layout and gives the stock model's logits."""
+    import kvlab
+
+    cfg = transformers.Gemma4TextConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, sliding_window=6, num_kv_shared_layers=2,
+        hidden_size_per_layer_input=8, vocab_size_per_layer_input=61, use_double_wide_mlp=True,
+        attention_k_eq_v=True, num_global_key_value_heads=1, final_logit_softcapping=30.0,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2)
+    torch.manual_seed(0)
+    source = transformers.Gemma4ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    source.save_pretrained(tmp_path / "hf")
+    report = export(kvlab.load(str(tmp_path / "hf")), "hf", tmp_path / "out", log=lambda *a: None)
+    assert report["family"] == "gemma4_text" and report["checks"][0]["greedy"] == "equal"
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert exported["num_kv_shared_layers"] == 2 and exported["use_double_wide_mlp"]
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, source(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_gemma_style_model_that_is_not_gemma_4_is_refused(tmp_path):
+    """Gemma 4 with an int8 KV cache has no stock form: refused with the difference named."""
+    config = tiny_config([G4_SLIDING, {**G4_FULL, "kv_quant": "int8"}], **GEMMA4)
+    with pytest.raises(UnsupportedError, match=r"Gemma-style decoder .* not Gemma 4 \(layer 1's kv_quant is 'int8'"):
+        export(build(config), "hf", tmp_path / "out", check=False)

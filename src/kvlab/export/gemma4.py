@@ -20,7 +20,7 @@ import torch
 from kvlab.config import ModelConfig, RopeConfig
 
 MODEL_TYPE = "gemma4_text"
-IGNORED = ("name", "dtype", "rope", "layers", "extras")  # name and dtype are not architecture; rope is per layer
+IGNORED = ("name", "dtype", "rope", "layers")  # name, dtype: not architecture; rope and layers: compared resolved
 _ACTIVATIONS = {"gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "gelu": "gelu"}
 
 
@@ -71,7 +71,7 @@ def gemma4_mismatch(config: ModelConfig) -> str | None:
         return "it has layers other than full/sliding attention"
     try:
         back = gemma4_config({"model_type": MODEL_TYPE, **gemma4_hf_config(config)})
-    except (KvlabError, KeyError, ValueError) as exc:
+    except (KvlabError, KeyError, TypeError, ValueError) as exc:
         return f"its Gemma 4 config does not import ({exc})"
     ours, theirs = config.to_dict(), back.to_dict()
     for key in ours:

@@ -37,7 +37,7 @@ def _model_features(config: ModelConfig) -> None:
     checks = [
         (config.hyper_connections is not None, "hyper-connections (mHC)", "multi-stream residuals"),
         (config.per_layer_embeddings is not None, "per-layer embeddings", "per-layer embeddings in Llama-family models"),
-        (config.sandwich_norms or config.norm_unit_offset, "Gemma-style norms", "sandwich/unit-offset norms in Llama-family models"),
+        (config.norm_unit_offset, "unit-offset norms", "unit-offset norms in Llama-family models"),
         (config.embed_scale is not None, "an embedding scale", "embedding scale in Llama-family models"),
         (config.logit_softcap is not None, "a final logit soft-cap", "logit soft-cap in Llama-family models"),
         (config.layer_scalar, "per-layer output scalars", "per-layer output scalars"),
@@ -73,11 +73,12 @@ def classify(config: ModelConfig) -> Layout:
     if not_gemma4 is None:
         return Layout(MODEL_TYPE, specs[0], [getattr(s, "window", None) for s in specs])
     consumer = next((i for i, s in enumerate(specs) if s.kv_from is not None), None)
-    if consumer is not None:
-        raise refuse(config, f"layer {consumer} reuses layer {specs[consumer].kv_from}'s KV cache (cross-layer "
-                     f"sharing) and the model is not Gemma 4 ({not_gemma4})", "cross-layer KV sharing except "
-                     "Gemma 4's last-n rule (num_kv_shared_layers) on a Gemma 4 model: sandwich and q/k/v norms, "
-                     "scaled embeddings, GeGLU, layer scalars, a full last layer")
+    if consumer is not None or config.sandwich_norms:
+        what = (f"layer {consumer} reuses layer {specs[consumer].kv_from}'s KV cache (cross-layer sharing)"
+                if consumer is not None else "a Gemma-style decoder (sandwich norms)")
+        raise refuse(config, f"{what} and the model is not Gemma 4 ({not_gemma4})", "cross-layer KV sharing or "
+                     "Gemma-style decoders except Gemma 4 exactly (its last-n rule, num_kv_shared_layers, with its "
+                     "sandwich and q/k/v norms, scaled embeddings, GeGLU, layer scalars and full last layer)")
     _model_features(config)
     types = sorted({s.type for s in specs})
     if types == ["mla"]:
