@@ -67,7 +67,7 @@ def test_mla_kept_pairs_reproduce_their_frequencies():
             q[:, p] = 0
             q[:, p + 8] = 0
     stats = collect(model, torch.randint(0, 97, (2, 48)), progress=False)
-    conv = converted(model, stats, "mla:rank=25,rope=8")
+    conv = converted(model, stats, "mla:rank=25,rope=8,select=norm")
     rope = conv.config.layers[0].rope
     assert rope.scaling["type"] == "linear"
     assert max_diff(model, conv, torch.randint(0, 97, (1, 40))) < 1e-4
@@ -158,7 +158,7 @@ def test_report_perplexity_equals_independent_recomputation():
 
 def test_grammar():
     steps = parse_layer_spec("mla:rank=64,rope=8+int8")
-    assert steps[0] == ("mla", {"rank": 64, "rope": 8, "select": "norm", "balance": 0.0})
+    assert steps[0] == ("mla", {"rank": 64, "rope": 8, "select": "high", "balance": 0.0})
     assert format_steps(steps) == "mla:rank=64,rope=8+int8"
     assert parse_layer_spec("gqa-3")[0][1]["kv"] == 3 and parse_layer_spec("mqa")[0][1]["kv"] == 1
     for bad in ["nope", "mla:rank", "mla:ranks=3", "mla:rank=x", "sliding:window=1,,", ""]:

@@ -97,7 +97,7 @@ def smollm2():
     base = kvlab.load(folder).eval()
     mqa = to_mqa(base)
     # convert's default MLA (rank 80, 16 RoPE dims): one RoPE pair progression for the whole model
-    # (select=norm), its latent norm's constant channel a kv_a_proj_with_mqa bias (DeepseekV3's attention_bias)
+    # (select=high, the first pairs), its latent norm's constant channel a kv_a_proj_with_mqa bias (DeepseekV3's attention_bias)
     fit_mqa, fit_mla = converted(base, ["mqa", "mla"])
     return folder, {"gqa": base, "mqa": mqa, "mla": to_mla(mqa), "mqa-convert": fit_mqa, "mla-convert": fit_mla}
 

@@ -52,10 +52,10 @@ def default_menu(config: ModelConfig, i: int, context: int) -> list[str]:
     menu = ["keep", "int8", "int4"]
     for kv in sorted({1, spec.n_kv_heads // 2} - {0, spec.n_kv_heads}):
         menu += [f"gqa-{kv}", f"gqa-{kv}+int8", f"gqa-{kv}+int4"]
-    for frac, rope in ((2, 16), (4, 16), (8, 8), (16, 8)):
+    for frac, rope in ((2, 32), (4, 32), (8, 8), (16, 8)):  # RoPE widths measured best on SmolLM2
         rank = width // frac - rope
         if rank >= 8 and rope < spec.head_dim:
-            mla = f"mla:rank={rank},rope={rope},select=layer"  # per layer, as measured (norm is model-wide)
+            mla = f"mla:rank={rank},rope={rope}"  # select=high: layer-independent (the plan exports)
             menu += [mla, f"{mla}+int8"]
     for frac in (4, 16):
         window = max(context // frac, 16)
