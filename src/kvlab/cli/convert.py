@@ -58,8 +58,8 @@ def add_parser(sub):
     p.add_argument("--eval-seqs", type=int, default=2, help="held-out sequences for perplexity/KL (default 2; 0 skips)")
     p.add_argument("--eval-len", type=token_count, default=2048, help="held-out sequence length (default 2048)")
     p.add_argument("--chunk", type=positive_int, default=256, help="prefill chunk appended to the cache (default 256)")
-    p.add_argument("--needle-contexts", type=token_counts, default=[1024, 2048],
-                   help="passkey / decode-speed contexts (default 1024,2048; empty string skips)")
+    p.add_argument("--needle-contexts", type=token_counts, default=[2048, 8192],
+                   help="passkey / decode-speed contexts (default 2048,8192; empty string skips)")
     p.add_argument("--needle-depths", type=floats, default=[0.1, 0.5, 0.9], help="passkey depths (default 0.1,0.5,0.9)")
     p.add_argument("--no-report", action="store_true", help="convert only (no evaluation)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
