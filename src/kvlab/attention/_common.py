@@ -9,6 +9,8 @@ A key at step ``s`` is visible to a query at step ``t`` iff ``s <= t`` (causal),
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -125,3 +127,26 @@ def _equal_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         return grouped_sdpa(q, k, F.pad(v, (0, dim - dv)), mask, causal, scale)[..., :dv]
     return grouped_sdpa(F.pad(q, (0, dv - dim)), F.pad(k, (0, dv - dim)), v, mask, causal, scale)
 
+
+
+class Band:
+    """Keys a windowed forward's queries see, handed out block by block instead of as one dense mask:
+    ``blocks()`` yields ``(rows, k, v, mask)`` for consecutive query slices ``rows``, each with only the keys
+    its queries can see and a small mask ``[B|1, 1, len(rows), T_block]``. Sliding-window prefill then
+    costs O(S * (W + block)) instead of O(S * T). Stored in ``ctx.shared`` like a mask, so ``kv_from``
+    consumers attend to the same bands."""
+
+    def blocks(self) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def attend_in_blocks(attend: Attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | Band | None) -> torch.Tensor:
+    """``attend(q, k, v, mask)`` for a tensor mask; for a ``Band``, once per query block (``q [B, H, S, D]``,
+    outputs concatenated along S). Exact: a query's softmax only involves its own row."""
+    if not isinstance(mask, Band):
+        return attend(q, k, v, mask)
+    return torch.cat([attend(q[:, :, rows], kb, vb, mb) for rows, kb, vb, mb in mask.blocks()], dim=2)

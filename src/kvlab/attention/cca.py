@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from kvlab.attention._common import ForwardContext, grouped_sdpa
+from kvlab.attention._common import ForwardContext, attend_in_blocks, grouped_sdpa
 from kvlab.attention._gate import apply_output_gate, output_gate_proj
 from kvlab.attention.full import KVCacheLayer, causal_keys_values
 from kvlab.attention.sliding import WindowKVCacheLayer, window_keys_values
@@ -204,6 +204,6 @@ class CCAttention(nn.Module):
             k, v, mask = window_keys_values(k, v, ctx, cache, self.spec.window, 0)
         else:
             k, v, mask = causal_keys_values(k, v, ctx, cache)
-        out = grouped_sdpa(q, k, v, mask, causal=True, scale=self.scale)  # [B, H, S, D]
+        out = attend_in_blocks(lambda *qkvm: grouped_sdpa(*qkvm, causal=True, scale=self.scale), q, k, v, mask)
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
         return self.o_proj(apply_output_gate(self.g_proj, x, out, self.n_heads))

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from kvlab.attention._common import ForwardContext, grouped_sdpa
+from kvlab.attention._common import ForwardContext, attend_in_blocks, grouped_sdpa
 from kvlab.attention._gate import apply_output_gate, output_gate_proj
 from kvlab.cache.base import CacheLayer, GrowingBuffer
 from kvlab.cache.quantized import QuantizedKVCacheLayer, quantized_kv_bytes
@@ -139,13 +139,14 @@ class FullAttention(nn.Module):
         q, k, v = self.project(x, ctx)
         if seq == 1 and isinstance(cache, QuantizedKVCacheLayer) and not self.has_consumers:
             out = self.attend_codes(q, k, v, ctx, cache)
-        elif self.owns_kv:
-            k, v, mask = self.keys_values(k, v, ctx, cache)
-            ctx.shared[self.layer_idx] = (k, v, mask)  # consumers attend to the same keys, same mask
-            out = self.attend(q, k, v, mask, ctx)  # [B, H, S, Dv]
         else:
-            k, v, mask = ctx.shared[self.spec.kv_from]
-            out = self.attend(q, k, v, mask, ctx)
+            if self.owns_kv:
+                k, v, mask = self.keys_values(k, v, ctx, cache)
+                ctx.shared[self.layer_idx] = (k, v, mask)  # consumers attend to the same keys, same mask
+            else:
+                k, v, mask = ctx.shared[self.spec.kv_from]
+            # [B, H, S, Dv]; a windowed producer's mask may be a Band: then block by block
+            out = attend_in_blocks(lambda *qkvm: self.attend(*qkvm, ctx), q, k, v, mask)
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
         return self.o_proj(apply_output_gate(self.g_proj, x, out, self.n_heads))
 

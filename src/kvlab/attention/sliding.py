@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from kvlab.attention._common import EMPTY_STEP, ForwardContext
+from kvlab.attention._common import EMPTY_STEP, Band, ForwardContext
 from kvlab.attention.full import FullAttention, FullSpec
 from kvlab.cache.base import CacheLayer
 from kvlab.config_options import check_ints
@@ -141,12 +141,21 @@ class WindowKVCacheLayer(CacheLayer):
                 self.state["sink_v"][row, :, first - pad:last - pad] = v[row, :, first - start:last - start]
 
 
+BAND_MIN = 256  # smallest query block of the banded prefill (``band_block``)
+
+
+def band_block(window: int) -> int:
+    """Query block of the banded prefill: the window, at least ``BAND_MIN`` (each block then reads at most
+    ``2 * block`` keys, so the work is within 2x of the pairs a window attends)."""
+    return max(window, BAND_MIN)
+
+
 def window_mask(ctx: ForwardContext, key_steps: torch.Tensor, window: int, sinks: int,
-                cached_before: int) -> torch.Tensor:
-    """Mask ``[B|1, 1, S, T]`` for window (+ sink) keys at ``key_steps [T]``. Keys that are sinks and
-    were cached before this forward (``step < cached_before``) live in the sink slots, so they are
-    excluded here to avoid counting them twice."""
-    q = ctx.query_steps[None, :, None]  # [1, S, 1]
+                cached_before: int, rows: slice = slice(None)) -> torch.Tensor:
+    """Mask ``[B|1, 1, S, T]`` for window (+ sink) keys at ``key_steps [T]`` (queries ``rows`` of the forward).
+    Keys that are sinks and were cached before this forward (``step < cached_before``) live in the sink
+    slots, so they are excluded here to avoid counting them twice."""
+    q = ctx.query_steps[rows][None, :, None]  # [1, S, 1]
     k = key_steps[None, None, :]  # [1, 1, T]
     pad = 0 if ctx.pad_offset is None else ctx.pad_offset[:, None, None]  # [B, 1, 1]
     allowed = (k <= q) & (k > q - window)
@@ -158,32 +167,92 @@ def window_mask(ctx: ForwardContext, key_steps: torch.Tensor, window: int, sinks
     return allowed.unsqueeze(1)
 
 
-def sink_slot_mask(ctx: ForwardContext, sinks: int, cached_before: int) -> torch.Tensor:
+def sink_slot_mask(ctx: ForwardContext, sinks: int, cached_before: int, rows: slice = slice(None)) -> torch.Tensor:
     """Mask ``[B|1, 1, S, sinks]`` for the sink slots: slot ``j`` of row ``b`` holds step ``pad_b + j``,
     valid once cached (``step < cached_before``); padded queries see no sink."""
     j = torch.arange(sinks, device=ctx.query_steps.device)
     pad = torch.zeros(1, dtype=torch.long, device=j.device) if ctx.pad_offset is None else ctx.pad_offset
     steps = pad[:, None] + j[None, :]  # [B, sinks]
     valid = (steps < cached_before)[:, None, :]  # [B, 1, sinks]
-    real_query = ctx.query_steps[None, :, None] >= pad[:, None, None]  # [B, S, 1]
+    real_query = ctx.query_steps[rows][None, :, None] >= pad[:, None, None]  # [B, S, 1]
     return (valid & real_query).unsqueeze(1)
+
+
+def cat_masks(masks: list[torch.Tensor]) -> torch.Tensor:
+    """Masks ``[B|1, 1, S, T_i]`` joined along the keys (batch dims broadcast to the largest)."""
+    batch = max(m.shape[0] for m in masks)
+    return torch.cat([m.expand(batch, -1, -1, -1) for m in masks], dim=-1)
+
+
+class WindowBand(Band):
+    """A windowed forward's keys for block-banded attention (``Band``): the sink slots and ring cached
+    before this forward (``prefix``, copied: the ring is overwritten right after) and the new keys, at
+    consecutive steps ``start ..``. Query block ``[a, b)`` reads the sink slots, the ring only while its
+    window reaches before ``start``, new keys ``[a - W + 1, b)`` and, with sinks, the first new keys that
+    may be sinks (steps below ``max(pad) + sinks``). Every key left out is one its mask rejects."""
+
+    def __init__(self, ctx: ForwardContext, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int,
+                 cache: WindowKVCacheLayer | None):
+        self.ctx, self.k, self.v, self.window, self.sinks = ctx, k, v, window, sinks
+        self.block = band_block(window)
+        self.ring = self.sink_slots = None
+        if cache is not None and cache.length:
+            steps = cache.key_steps()
+            self.ring = (cache.ring_k.clone(), cache.ring_v.clone(), steps)  # [B, Hkv, W, D] x 2, [W]
+        if cache is not None and sinks:
+            self.sink_slots = (cache.state["sink_k"].clone(), cache.state["sink_v"].clone())
+
+    def blocks(self):
+        ctx, w, start, seq = self.ctx, self.window, self.ctx.start, self.k.shape[2]
+        pad = 0 if ctx.pad_offset is None else int(ctx.pad_offset.max())
+        sink_reach = max(pad + self.sinks - start, 0) if self.sinks else 0  # new keys that may be sinks
+        for a in range(0, seq, self.block):
+            rows = slice(a, min(a + self.block, seq))
+            lo = max(0, a - w + 1)
+            head = min(lo, sink_reach)
+            keys, values, masks = [], [], []
+            steps = [ctx.query_steps[:head], ctx.query_steps[lo:rows.stop]]
+            if self.sink_slots is not None:
+                keys.append(self.sink_slots[0])
+                values.append(self.sink_slots[1])
+                masks.append(sink_slot_mask(ctx, self.sinks, start, rows))
+            if self.ring is not None and a < w - 1:
+                keys.append(self.ring[0])
+                values.append(self.ring[1])
+                steps.insert(0, self.ring[2])
+            keys += [self.k[:, :, :head], self.k[:, :, lo:rows.stop]]
+            values += [self.v[:, :, :head], self.v[:, :, lo:rows.stop]]
+            masks.append(window_mask(ctx, torch.cat(steps), w, self.sinks, start, rows))
+            yield rows, torch.cat(keys, dim=2), torch.cat(values, dim=2), cat_masks(masks)
 
 
 def window_keys_values(k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, cache: WindowKVCacheLayer | None,
                        window: int, sinks: int):
     """Keys the new queries see: the ring's last ``window`` steps (+ ``sinks`` sink slots) and the new
-    ``k, v [B, Hkv, S, D]``, which are then written to the ring; returns keys, values and their mask."""
-    if cache is None:  # full sequence: keys are the new tokens themselves
-        steps = ctx.query_steps
-        return k, v, window_mask(ctx, steps, window, sinks, cached_before=ctx.start)
+    ``k, v [B, Hkv, S, D]``, which are then written to the ring; returns keys, values and their mask (a
+    ``WindowBand`` for a forward longer than a band block: attend with ``attend_in_blocks``)."""
     start = ctx.start
-    if ctx.seq_len == 1 and not sinks:  # decode: write, then attend over the ring
+    if cache is not None and ctx.seq_len == 1 and not sinks:  # decode: write, then attend over the ring
         cache.write(k, v, start, ctx.pad_offset)
         filled = min(cache.length, window)  # before wrap-around only slots 0..length-1 are written
         k_all, v_all = cache.ring_k[:, :, :filled], cache.ring_v[:, :, :filled]
         if ctx.pad_offset is None:
             return k_all, v_all, None  # every written slot is in the window
         return k_all, v_all, window_mask(ctx, cache.key_steps()[:filled], window, 0, start)
+    if ctx.seq_len > band_block(window):
+        band = WindowBand(ctx, k, v, window, sinks, cache)
+        if cache is not None:
+            cache.write(k, v, start, ctx.pad_offset)
+        return k, v, band
+    return dense_window_keys_values(k, v, ctx, cache, window, sinks)
+
+
+def dense_window_keys_values(k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
+                             cache: WindowKVCacheLayer | None, window: int, sinks: int):
+    """The reference of ``window_keys_values``: every key (ring, sinks, new) under one dense mask ``[.., S, T]``."""
+    if cache is None:  # full sequence: keys are the new tokens themselves
+        return k, v, window_mask(ctx, ctx.query_steps, window, sinks, cached_before=ctx.start)
+    start = ctx.start
     ring_steps = cache.key_steps() if cache.length else cache.key_steps()[:0]
     keys = [cache.ring_k[:, :, : len(ring_steps)], k]
     values = [cache.ring_v[:, :, : len(ring_steps)], v]
@@ -191,14 +260,10 @@ def window_keys_values(k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, ca
     if sinks:
         keys.insert(0, cache.state["sink_k"])
         values.insert(0, cache.state["sink_v"])
-        slot_mask = sink_slot_mask(ctx, sinks, start)
-        masks.insert(0, slot_mask.expand(masks[-1].shape[0], -1, -1, -1) if slot_mask.shape[0] == 1
-                     else slot_mask)
-        masks[-1] = masks[-1].expand(masks[0].shape[0], -1, -1, -1)
-    mask = torch.cat(masks, dim=-1)
+        masks.insert(0, sink_slot_mask(ctx, sinks, start))
     k_all, v_all = torch.cat(keys, dim=2), torch.cat(values, dim=2)
     cache.write(k, v, start, ctx.pad_offset)
-    return k_all, v_all, mask
+    return k_all, v_all, cat_masks(masks)
 
 
 @register_module("sliding")
