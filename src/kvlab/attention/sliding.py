@@ -145,9 +145,10 @@ BAND_MIN = 256  # smallest query block of the banded prefill (``band_block``)
 
 
 def band_block(window: int) -> int:
-    """Query block of the banded prefill: the window, at least ``BAND_MIN`` (each block then reads at most
-    ``2 * block`` keys, so the work is within 2x of the pairs a window attends)."""
-    return max(window, BAND_MIN)
+    """Query block of the banded prefill: a quarter of the window, at least ``BAND_MIN``. A block reads at
+    most ``window + block`` keys; smaller blocks waste less but pay more per-call overhead (the script
+    benchmarks/sliding_prefill.py sweeps the block size)."""
+    return max(window // 4, BAND_MIN)
 
 
 def window_mask(ctx: ForwardContext, key_steps: torch.Tensor, window: int, sinks: int,
