@@ -14,9 +14,10 @@ Bytes: codes ``Q*W*bits/8`` + scales and zero points (cache dtype) + residual ``
 
 A forward attends to the dequantized old tokens plus the full-precision residual, which includes the
 tokens of this forward (they are quantized, if at all, after it), as in Hugging Face's QuantizedCache.
-A decode step (``QuantizedKVCacheLayer.attend``) reads the codes block by block, dequantizing one block
-of ``BLOCK`` tokens at a time; ``append`` (prefill, ``kv_from`` consumers, the reference in tests)
-returns a full-size dequantized copy.
+A decode step (``QuantizedKVCacheLayer.attend``) reads the codes ``BLOCK`` tokens at a time: key blocks
+are dequantized into a reused workspace (one fused ``addcmul``), value blocks are only converted to float
+and their per-token scales applied to the probabilities (``token_group_values``); ``append`` (prefill,
+``kv_from`` consumers, the reference in tests) returns a full-size dequantized copy.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from kvlab.cache.base import CacheLayer, GrowingBuffer
 
 BITS = {"int8": 8, "int4": 4}
-BLOCK = 1024  # tokens dequantized at a time by ``QuantizedKVCacheLayer.attend`` (a multiple of the group)
+BLOCK = 1024  # tokens read at a time by ``QuantizedKVCacheLayer.attend`` (a multiple of the group)
 
 
 def quantized_tokens(tokens: int, group: int, residual: int) -> int:
@@ -76,19 +77,31 @@ def quantize(x: torch.Tensor, mode: str, quant: str, group: int, scale_dtype: to
     return codes, scale, zero
 
 
+def _grouped_shape(mode: str, group: int, shape: torch.Size) -> tuple[tuple[int, ...], int]:
+    """The view of codes ``[B, H, N, W]`` in which the scale and zero point broadcast, and their new axis."""
+    b, h, n, w = shape
+    if mode == "channel":
+        return (b, h, n // group, group, w), 3
+    g = token_group(group, w)
+    return (b, h, n, w // g, g), 4
+
+
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, mode: str, quant: str,
                group: int, width: int, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of ``quantize``: ``[B, H, N, W]`` in ``dtype`` (``zero + code * scale`` in fp32, one fused op)."""
     if quant == "int4":
         codes = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)  # unpack: [B, H, N, W]
-    b, h, n, w = codes.shape
-    if mode == "channel":
-        shape, axis = (b, h, n // group, group, w), 3
-    else:
-        g = token_group(group, w)
-        shape, axis = (b, h, n, w // g, g), 4
+    shape, axis = _grouped_shape(mode, group, codes.shape)
     x = torch.addcmul(zero.float().unsqueeze(axis), codes.view(shape), scale.float().unsqueeze(axis))
-    return x.view(b, h, n, w).to(dtype)
+    return x.view(codes.shape).to(dtype)
+
+
+def dequantize_into(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, mode: str,
+                    group: int) -> torch.Tensor:
+    """``dequantize`` of unpacked ``codes [B, H, n, W]`` written into the float32 ``out`` of that shape."""
+    shape, axis = _grouped_shape(mode, group, codes.shape)
+    torch.addcmul(zero.float().unsqueeze(axis), codes.view(shape), scale.float().unsqueeze(axis), out=out.view(shape))
+    return out
 
 
 _WORKSPACE = threading.local()  # one reused block of float codes per thread (scratch, not cache state)
@@ -167,19 +180,18 @@ class QuantizedStream:
 
     def code_blocks(self, size: int):
         """``(start, codes, scale, zero)`` over the quantized tokens, oldest first, ``size`` tokens at a time
-        (rounded to whole groups): ``codes [B, H, n, W]`` as float32 in a reused workspace (unpacked, not
-        dequantized), and the block's scale and zero point rows."""
+        (rounded to whole groups): ``codes [B, H, n, W]`` uint8 (int4 unpacked), the block's scale and zero
+        point rows."""
         codes, scale, zero = self.codes.view(), self.scale.view(), self.zero.view()
         size = max(size // self.group, 1) * self.group
         per_scale = self.group if self.mode == "channel" else 1  # tokens per scale row
-        b, h = codes.shape[:2]
         for start in range(0, self.quantized_length, size):
             n = min(size, self.quantized_length - start)
             block = codes[:, :, start:start + n]
             if self.quant == "int4":
                 block = torch.stack([block & 15, block >> 4], dim=-1).flatten(-2)  # [B, H, n, W]
             rows = slice(start // per_scale, (start + n) // per_scale)
-            yield start, workspace((b, h, n, self.width), codes.device).copy_(block), scale[:, :, rows], zero[:, :, rows]
+            yield start, block, scale[:, :, rows], zero[:, :, rows]
 
     def reserve(self, total: int) -> None:
         self.recent.reserve(min(total, self.residual + self.group))
@@ -210,42 +222,46 @@ class QuantizedKVCacheLayer(CacheLayer):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                scale: float) -> torch.Tensor:
         """Store new ``k, v [B, Hkv, S, D]`` and attend ``q [B, Hkv, M, D]`` (query heads of a group folded
-        into ``M``) to every key held, reading the codes ``BLOCK`` tokens at a time: no dequantized copy
-        exists; the scales and zero points are applied to the query (keys) and to the probabilities
-        (values) instead. Two passes: the scores ``[B, Hkv, M, T]``, one softmax, then the values.
-        ``mask [B|1, 1, M, T]`` bool or None. Equals ``append`` followed by softmax attention."""
+        into ``M``) to every key held, dequantizing ``BLOCK`` tokens at a time into a workspace that stays
+        in cache: no full-size dequantized copy exists. Two passes in float32: the scores ``[B, Hkv, M, T]``,
+        one softmax, then the values. ``mask [B|1, 1, M, T]`` bool or None. Equals ``append`` followed by
+        softmax attention."""
         self.length += k.shape[2]
         self.k.push(k)
         self.v.push(v)
-        total = self.k.quantized_length + self.k.recent.length
-        scores = q.new_empty(q.shape[:-1] + (total,))  # [B, Hkv, M, T]
-        b, h, m, w = q.shape
-        qf = q.float().unsqueeze(2)  # [B, Hkv, 1, M, D]
-        for start, codes, scale_, zero in self.k.code_blocks(BLOCK):  # keys: per channel, groups of G tokens
-            n, g = codes.shape[2], self.k.group
-            # q . (code * s + z) = (q * s) . code + q . z, per group of tokens: the scales go to the query
-            part = torch.matmul(qf * scale_.float().unsqueeze(3), codes.view(b, h, n // g, g, w).transpose(-1, -2))
-            part += torch.matmul(qf, zero.float().unsqueeze(-1))  # [B, Hkv, n/G, M, G] + [.., M, 1]
-            scores[..., start:start + n] = part.permute(0, 1, 3, 2, 4).reshape(b, h, m, n)
         done = self.k.quantized_length
-        scores[..., done:] = torch.matmul(q, self.k.recent.view().transpose(-1, -2))
+        qf = q.float()
+        scores = qf.new_empty(q.shape[:-1] + (done + self.k.recent.length,))  # [B, Hkv, M, T]
+        for start, codes, scale_, zero in self.k.code_blocks(BLOCK):  # keys: dequantized per channel group
+            block = dequantize_into(workspace(codes.shape, codes.device), codes, scale_, zero, "channel", self.k.group)
+            scores[..., start:start + codes.shape[2]] = torch.matmul(qf, block.transpose(-1, -2))
+        scores[..., done:] = torch.matmul(qf, self.k.recent.view().float().transpose(-1, -2))
         scores.mul_(scale)
         if mask is not None:
             scores.masked_fill_(~mask, float("-inf"))
         probs = scores.softmax(-1)
-        out = torch.matmul(probs[..., done:], self.v.recent.view())  # [B, Hkv, M, Dv]: the exact residual
-        outg = out.view(b, h, m, -1, token_group(self.v.group, self.v.width))  # [B, Hkv, M, W/g, g]
-        for start, codes, scale_, zero in self.v.code_blocks(BLOCK):  # values: per token, groups of g channels
-            n, g = codes.shape[2], outg.shape[-1]
-            p = probs[..., start:start + n]  # [B, Hkv, M, n]
-            # the scales go to p: [B, Hkv, W/g, M, n], contiguous per channel group
-            ps = p.unsqueeze(2) * scale_.float().transpose(-1, -2).unsqueeze(3)
-            for j in range(outg.shape[3]):
-                outg[:, :, :, j] += torch.matmul(ps[:, :, j], codes[..., j * g:(j + 1) * g])
-            outg += torch.matmul(p, zero.float()).unsqueeze(-1)  # sum_t p_t z_t per channel group
+        out = torch.matmul(probs[..., done:], self.v.recent.view().float())  # [B, Hkv, M, Dv]: the residual
+        for start, codes, scale_, zero in self.v.code_blocks(BLOCK):
+            out += token_group_values(probs[..., start:start + codes.shape[2]], codes, scale_, zero)
         self.k.flush()
         self.v.flush()
-        return out
+        return out.to(q.dtype)
+
+
+def token_group_values(p: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``p @ dequantize(codes)`` for per-token ("token" mode) values, without dequantizing: ``p [B, H, M, n]``,
+    ``codes [B, H, n, W]`` uint8, ``scale, zero [B, H, n, J]`` (J groups of ``g = W/J`` channels). The
+    scales go to ``p`` instead: ``sum_t p_t (s_tj c_tc + z_tj) = sum_t (p_t s_tj) c_tc + sum_t p_t z_tj``; the
+    J scaled copies of ``p`` are stacked into one matmul over the float codes (M is tiny, so the matmul costs
+    what reading the codes costs) whose diagonal blocks are kept. Returns ``[B, H, M, W]`` float32."""
+    b, h, m, n = p.shape
+    j = scale.shape[-1]
+    g = codes.shape[-1] // j
+    ps = p.unsqueeze(2) * scale.float().transpose(-1, -2).contiguous().unsqueeze(3)  # [B, H, J, M, n]
+    full = torch.matmul(ps.reshape(b, h, j * m, n), workspace(codes.shape, codes.device).copy_(codes))
+    diag = full.view(b, h, j, m, j, g).diagonal(dim1=2, dim2=4)  # [B, H, M, g, J]: group j's channels
+    out = diag.permute(0, 1, 2, 4, 3) + torch.matmul(p, zero.float()).unsqueeze(-1)  # [B, H, M, J, g]
+    return out.reshape(b, h, m, j * g)
 
 
 def quantized_kv_bytes(spec, tokens: int, batch: int, elem_bytes: int) -> int:
