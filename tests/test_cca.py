@@ -108,3 +108,16 @@ def test_reader_and_unsupported_full_checkpoint(tmp_path):
     transformers.ZayaForCausalLM(hf_config()).save_pretrained(tmp_path / "hf")
     with pytest.raises(kvlab.UnsupportedError):
         kvlab.load(tmp_path / "hf")
+
+
+@torch.no_grad()
+def test_windowed_cca_banded_prefill_equals_dense(monkeypatch):
+    """ZAYA's windowed CCA through the sliding technique's block-banded path equals its dense mask."""
+    import kvlab.attention.sliding as sliding
+
+    model = build({k: v for k, v in CASES["sliding_window_6"].items() if k != "_seq"})
+    ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(sliding, "BAND_MIN", 10**9)
+    dense = model(ids)
+    monkeypatch.setattr(sliding, "BAND_MIN", 1)
+    torch.testing.assert_close(model(ids), dense, atol=1e-5, rtol=1e-5)
