@@ -10,7 +10,7 @@ import json
 import pytest
 
 from kvlab.cli import main
-from kvlab.compare.base_report import README_END, README_START, table
+from kvlab.compare.base_report import README_END, README_START, ref_context, table
 from kvlab.compare.base_rows import ROWS, BaseBudget, row_steps
 from kvlab.planner import plan
 
@@ -28,7 +28,7 @@ def test_compare_base_quick_end_to_end(tmp_path, capsys):
         assert (out / png).stat().st_size > 1000
     assert not (out / "work").exists()  # converted / healed checkpoints removed once every job is cached
     assert set(summary["rows"]) == set(BaseBudget.named("quick").rows)
-    n = max(summary["budget"]["needle_contexts"])
+    n = ref_context(summary["budget"])
     for name, r in summary["rows"].items():
         assert r["plan_equals_measured"] and r["bytes_live"] == r["bytes_planned"]
         assert r["bytes_live"] == plan(ModelConfig.from_dict(r["config"]), context=n).total_bytes
@@ -41,6 +41,12 @@ def test_compare_base_quick_end_to_end(tmp_path, capsys):
     assert mqa["reduction_pct_mem"] == pytest.approx(100 * 2 / 3)  # 3 KV heads -> 1
     assert mqa["claim"][0] == "KV sharing, 4x" and "(75%)" in md
     assert mean(int4["free"]["top1"]) > 0.9 and mean(int4["free"]["kl"]) < mean(mqa["free"]["kl"])
+    # int4's full forward is the source's (quantization acts on the cache): nothing to heal, healed = free
+    assert int4["heal_skipped"] and int4["healed"] == int4["free"] and not mqa["heal_skipped"]
+    assert "= free (nothing to heal)" in md and "Not healed (int4 KV)" in md
+    assert mqa["sequences_vs_source"] == pytest.approx(3.0)  # 3x smaller cache: 3x the sequences per GiB
+    for r in (mqa, int4, summary["source"]):  # batched decode at the KV budget (live == plan asserted there)
+        assert r["serving"]["aggregate_tok_s"] > 0 and 1 <= r["serving"]["batch"] <= min(r["serving"]["fit"], 64)
     assert "within noise" in md or "≈" in md or "±" in md
     capsys.readouterr()
     readme = tmp_path / "README.md"
@@ -68,7 +74,8 @@ def test_compare_base_refuses_bad_input(tmp_path, capsys):
 def test_budgets_scale_tokens_and_contexts_and_rows_parse():
     default, large = BaseBudget.named("default"), BaseBudget.named("large")
     assert large.eval_len == 4 * default.eval_len and large.heal_tokens == 4 * default.heal_tokens
-    assert 8192 in large.needle_contexts and 8192 not in default.needle_contexts
+    assert 8192 in large.needle_contexts and large.needle_gate is None  # every model at every context
+    assert 8192 in default.needle_contexts and default.needle_gate == 2048  # 8K: models that pass at 2K
     assert BaseBudget.named("1.5").eval_len == int(1.5 * default.eval_len)
     for row in ROWS:  # every row is a valid `kvlab convert --to` plan for a 30-layer model
         assert len(row_steps(row, 30)) == 30

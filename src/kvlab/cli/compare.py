@@ -25,7 +25,7 @@ def add_parser(sub):
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
     p.add_argument("--quick", action="store_true", help="test-sized budget (under 3 minutes on 2 CPU cores)")
     p.add_argument("--budget", help="--base: small, default, large or a multiplier of the default's tokens "
-                   "(>= 2 adds the 4K/8K passkeys)")
+                   "(>= 2: passkeys at 512-8K for every model, 3 depths)")
     p.add_argument("--rows", nargs="+", help="--base: only these rows (names as in the table)")
     p.add_argument("--readme", help="--base: replace the compare-table block of this Markdown file with the table")
     p.add_argument("--variants", nargs="+", help="kvlab config files to compare instead of the default set")

@@ -23,6 +23,7 @@ from kvlab.compare.jobs import read_cached, write_cached
 from kvlab.errors import KvlabError
 
 WORK = "work"  # converted and healed checkpoints (removed when the run is complete)
+IDENTITY = "equals the source's full forward at the heal length: nothing to heal"
 
 
 class Session:
@@ -40,7 +41,7 @@ class Session:
         self.tokenizer = load_tokenizer(base, self.config.vocab_size)
         self.corpus = load_corpus(None, max_chars=budget.max_chars)
         self.test_ids = split_ids(self.corpus, "test", self.tokenizer)
-        self._stats = None
+        self._stats, self._reference = None, {}
         log(f"{base}: loaded with its tokenizer and the test split in {time.perf_counter() - t0:.0f} s")
 
     def stats(self) -> list:
@@ -66,6 +67,23 @@ class Session:
         b = self.budget
         return heldout_rows(self.test_ids, 1, b.eval_len, offset=sample * (b.eval_len + 1))
 
+    def reference(self, sample: int) -> list[dict]:
+        """The source's log-probabilities on held-out sample ``sample``: computed once, shared by every row."""
+        if sample not in self._reference:
+            from kvlab.eval.fidelity import reference_log_probs
+
+            self._reference[sample] = reference_log_probs(self.source, self.eval_rows(sample), self.budget.chunk)
+        return self._reference[sample]
+
+    def heal_is_identity(self, model) -> bool:
+        """True when ``model``'s full forward equals the source's at the heal length (within 1e-4): healing
+        trains on that form (layer-local outputs, or KL of the logits), so there is nothing to learn, and
+        Adam would only follow float noise. A sliding window wider than the heal sequence, a quantized
+        cache, a sparse pattern whose local band covers it."""
+        ids = self.eval_rows(0)[:, : self.budget.heal_seq]
+        with torch.no_grad():
+            return torch.allclose(model(ids), self.source(ids), atol=1e-4, rtol=1e-4)
+
     def haystack(self):
         return self.test_ids[self.budget.eval_samples * (self.budget.eval_len + 1):]
 
@@ -85,26 +103,57 @@ def fidelity_job(s: Session, model, where: str) -> dict:
 
     per = []
     for sample in range(s.budget.eval_samples):
-        f = compare(s.source, model, s.eval_rows(sample), s.budget.chunk, progress=False)
+        f = compare(s.source, model, s.eval_rows(sample), s.budget.chunk, progress=False, reference=s.reference(sample))
         check_bytes(where, model.config, f["cache_bytes"]["context"], f["cache_bytes"]["converted"])
         per.append(f)
     return {"samples": per, "context": per[0]["cache_bytes"]["context"],
             "cache_bytes": per[0]["cache_bytes"]["converted"]}
 
 
-def needle_job(s: Session, models: dict) -> dict:
-    """Passkey accuracy and decode tok/s of ``models`` (the source included), interleaved trial by trial."""
+def serve(budget: BaseBudget, where: str):
+    """The ``after`` hook of the passkeys at ``budget.serve_context``: as many sequences as the KV budget holds
+    (capped at ``serve_max_batch``) decode together from the answer's cache; live bytes == plan at that batch."""
+    from kvlab.eval.serving import batched_decode, sequences_fit
+    from kvlab.planner import plan
+
+    def after(name, model, n, cache, token):
+        if n != budget.serve_context:
+            return None
+        fit = sequences_fit(model.config, n, int(budget.serve_gib * 2**30))
+        batch = max(1, min(fit, budget.serve_max_batch))
+        held = cache.step
+        r = batched_decode(model, cache, token, batch, budget.serve_steps)
+        planned = plan(model.config, context=held, batch=batch).total_bytes
+        if r["cache_bytes"] != planned:
+            raise KvlabError(f"internal: {name} {where}: live cache {r['cache_bytes']} bytes for {batch} x {held} "
+                             f"tokens, kvlab plan {planned}")
+        return {**r, "fit": fit, "capped": fit > batch}
+    return after
+
+
+def needle_job(s: Session, models: dict, serving: bool = False) -> dict:
+    """Passkey accuracy and decode tok/s of ``models``, interleaved trial by trial. Contexts above
+    ``budget.needle_gate`` run only for the models that found a key at the gate (a model that misses every
+    key at 2K is not tried at 8K: the longest prefills are the run's most expensive steps)."""
     from kvlab.eval.needle import run_needles
 
     b = s.budget
-    res = run_needles(models, s.tokenizer, s.haystack(), b.needle_contexts, b.needle_depths, seed=0, progress=False)
+    gate = b.needle_gate
+    short = [n for n in b.needle_contexts if gate is None or n <= gate]
+    long = [n for n in b.needle_contexts if n not in short]
+    after = serve(b, "serving") if serving else None
+    res = run_needles(models, s.tokenizer, s.haystack(), short, b.needle_depths, seed=0, progress=False, after=after)
+    passing = {name: m for name, m in models.items() if long and res[name]["accuracy"][gate] > 0}
+    if passing:
+        more = run_needles(passing, s.tokenizer, s.haystack(), long, b.needle_depths, seed=0, progress=False)
+        for name, r in more.items():
+            for field, values in r.items():
+                res[name][field].update(values)
     for name, r in res.items():
         for n, got in r["cache_bytes"].items():
             check_bytes(f"{name} needle", models[name].config, n, got)
-    return {name: {"accuracy": {str(n): a for n, a in r["accuracy"].items()},
-                   "decode_tok_s": {str(n): v for n, v in r["decode_tok_s"].items()},
-                   "cache_bytes": {str(n): v for n, v in r["cache_bytes"].items()},
-                   "answers": {str(n): v for n, v in r["answers"].items()}} for name, r in res.items()}
+    return {name: {field: {str(n): v for n, v in r[field].items()}
+                   for field in ("accuracy", "decode_tok_s", "cache_bytes", "answers", "after")} for name, r in res.items()}
 
 
 def slice_config(config, every: int, longest: int):
@@ -207,6 +256,9 @@ def compare_base(base: str, out: Path, budget: BaseBudget, log=print) -> dict:
         heal_key = {**hk, **row_key(row), "seed": 0}
 
         def do_heal(row=row, student=student, folder=folder):
+            if session().heal_is_identity(model()):
+                return {"skipped": IDENTITY, "heal_seconds": 0.0, "curve": [],
+                        "config": dataclasses.asdict(_heal_config(budget, 0))}
             if not (student / "config.json").exists():
                 model().save(student, overwrite=True)
             shutil.rmtree(folder / "heal", ignore_errors=True)
@@ -222,31 +274,40 @@ def compare_base(base: str, out: Path, budget: BaseBudget, log=print) -> dict:
                 healed.append(kvlab.load(r["heal"]["checkpoint"]).eval())
             return healed[0]
 
-        r["healed"] = jobs.run(f"healed-{row.name}", {**key, **heal_key, "stage": "healed"},
-                               lambda row=row: fidelity_job(session(), healed_model(), row.name + " healed"))
+        if "skipped" in r["heal"]:  # healing cannot change it: the healed model is the training-free one
+            r["healed"] = {**r["free"], "seconds": 0.0, "same_as": "free"}
+        else:
+            r["healed"] = jobs.run(f"healed-{row.name}", {**key, **heal_key, "stage": "healed"},
+                                   lambda row=row: fidelity_job(session(), healed_model(), row.name + " healed"))
         results["rows"][row.name] = r
         converted.clear()
         healed.clear()
-    nk = {**common, **budget.key("eval_samples", "eval_len", "needle_contexts", "needle_depths"),
+    nk = {**common, **budget.key("eval_samples", "eval_len", "needle_contexts", "needle_depths", "needle_gate", "serve_context",
+                                 "serve_gib", "serve_max_batch", "serve_steps"),
           "rows": [r.name for r in rows]}
     row_cfg = {r.name: kvlab.config.ModelConfig.from_dict(results["rows"][r.name]["free"]["config"]) for r in rows}
 
-    def needles(stage: str) -> dict:
+    healed_rows = [r for r in rows if "skipped" not in results["rows"][r.name]["heal"]]
+
+    def needles(stage: str) -> dict:  # the healed stage: only the rows healing changed (no source: speed is free's)
         s = session()
-        models = {"source": s.source}
-        for row in rows:
+        models = {"source": s.source} if stage == "free" else {}
+        for row in rows if stage == "free" else healed_rows:
             saved = models_dir / slug(row.name) / "converted"
             if stage == "free":
                 models[row.name] = kvlab.load(saved).eval() if (saved / "config.json").exists() else s.convert(row)
             else:
                 models[row.name] = kvlab.load(results["rows"][row.name]["heal"]["checkpoint"]).eval()
-        return needle_job(s, models)
+        return needle_job(s, models, serving=stage == "free") if models else {}
 
     results["source"] = {"config": results["rows"][rows[0].name]["free"]["source_config"]}
     src_cfg = kvlab.config.ModelConfig.from_dict(results["source"]["config"])
 
     results["needle_free"] = jobs.run("needle-free", {**nk, "stage": "free"}, lambda: needles("free"))
-    results["needle_healed"] = jobs.run("needle-healed", {**nk, **hk, "stage": "healed"}, lambda: needles("healed"))
+    results["needle_healed"] = jobs.run("needle-healed", {**nk, **hk, "stage": "healed", "rows": [r.name for r in healed_rows]},
+                                        lambda: needles("healed"))
+    for row in rows:  # rows healing cannot change: their healed passkeys are the training-free ones
+        results["needle_healed"].setdefault(row.name, results["needle_free"][row.name])
     ck = {"base": base, **budget.key("speed_lengths", "speed_layers"), "rows": [r.name for r in rows]}
     results["complexity"] = jobs.run("complexity", ck, lambda: complexity_job({"source": src_cfg, **row_cfg}, budget))
     if models_dir.exists():  # every job is cached: the checkpoints are no longer needed

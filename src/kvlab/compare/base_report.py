@@ -22,6 +22,17 @@ def _quality(stage: dict) -> dict:
             "ppl": [f["ppl_converted"] for f in stage["samples"]]}
 
 
+def ref_context(budget: dict) -> int:
+    """The context where every model's passkeys, bytes and decode speed are measured: the needle gate."""
+    gate = budget.get("needle_gate")
+    return gate if gate in budget["needle_contexts"] else max(budget["needle_contexts"])
+
+
+def _acc(accuracy: dict, n: int) -> str:
+    """Passkey accuracy at ``n``, or "—" where it did not run (missed every key at the gate)."""
+    return f"{accuracy[str(n)]:.2f}" if str(n) in accuracy else "—"
+
+
 def summarize(base: str, rows: list, results: dict, budget, seconds: float) -> dict:
     """compare.json: per row its measured bytes (== plan), quality free / healed, passkeys, speed."""
     from kvlab.config import ModelConfig
@@ -30,8 +41,10 @@ def summarize(base: str, rows: list, results: dict, budget, seconds: float) -> d
 
     src_cfg = ModelConfig.from_dict(results["source"]["config"])
     mem_ctx = budget.memory_context
-    n_top = str(max(budget.needle_contexts))
+    n_top = str(ref_context(asdict(budget)))
+    serve = plan(src_cfg, context=budget.serve_context).total_bytes
     needle_src = results["needle_free"]["source"]
+    srv_src = needle_src["after"].get(str(budget.serve_context))
     out_rows = {}
     for row in rows:
         r = results["rows"][row.name]
@@ -47,6 +60,10 @@ def summarize(base: str, rows: list, results: dict, budget, seconds: float) -> d
             "spec": row.spec, "note": row.note, "claim": CLAIMS.get(row.claim), "config": r["free"]["config"],
             "bytes_per_token_live": live / int(n_top), "bytes_context": int(n_top), "bytes_live": live,
             "bytes_planned": planned, "plan_equals_measured": live == planned,
+            "heal_skipped": r["heal"].get("skipped"),
+            "sequences_per_gib": 2**30 / plan(cfg, context=budget.serve_context).total_bytes,
+            "sequences_vs_source": serve / plan(cfg, context=budget.serve_context).total_bytes,
+            "serving": _serving(results["needle_free"][row.name]["after"].get(str(budget.serve_context)), srv_src),
             "reduction_pct_live": 100 * (1 - live / src_live),
             "bytes_per_token_plan_mem": plan(cfg, context=mem_ctx).bytes_per_token,
             "reduction_pct_mem": 100 * (1 - plan(cfg, context=mem_ctx).total_bytes / plan(src_cfg, context=mem_ctx).total_bytes),
@@ -63,14 +80,39 @@ def summarize(base: str, rows: list, results: dict, budget, seconds: float) -> d
             "source": {"bytes_per_token_live": needle_src["cache_bytes"][n_top] / int(n_top),
                        "bytes_per_token_plan_mem": plan(src_cfg, context=mem_ctx).bytes_per_token,
                        "ppl": _quality(results["rows"][rows[0].name]["free"])["ppl_source"],
-                       "needle": needle_src["accuracy"], "decode_tok_s": speed_src,
+                       "needle": needle_src["accuracy"], "decode_tok_s": speed_src, "sequences_per_gib": 2**30 / serve,
+                       "serving": _serving(srv_src, srv_src),
                        "prefill_exponent": results["complexity"]["source"]["prefill_exponent"],
                        "decode_exponent": results["complexity"]["source"]["decode_exponent"],
                        "memory_curve": {str(n): plan(src_cfg, context=n).total_bytes
                                         for n in (512, 1024, 2048, 4096, 8192, 16384, 32768)}},
             "rows": out_rows, "job_seconds": {k: results[k]["seconds"] for k in ("needle_free", "needle_healed", "complexity")},
+            "job_breakdown": _breakdown(results, out_rows),
             "jobs_total_seconds": sum(results[k]["seconds"] for k in ("needle_free", "needle_healed", "complexity"))
             + sum(sum(r["job_seconds"].values()) for r in out_rows.values())}
+
+
+def _serving(mine: dict | None, source: dict | None) -> dict | None:
+    """The batched decode at the KV budget, with its aggregate tok/s as a ratio to the source's."""
+    if mine is None or source is None:
+        return None
+    return {**mine, "vs_source": mine["aggregate_tok_s"] / source["aggregate_tok_s"]}
+
+
+def _srv(r: dict) -> str:
+    s = r.get("serving")
+    if s is None:
+        return "—"
+    return f"{s['aggregate_tok_s']:.1f} @ {s['batch']}{'*' if s['capped'] else ''} ({s['vs_source']:.2f})"
+
+
+def _breakdown(results: dict, rows: dict) -> dict:
+    """Seconds per kind of job (where the run's time went)."""
+    kinds = {"training-free eval (incl. load, calibration, conversion)": "free", "healing": "heal", "healed eval": "healed"}
+    out = {label: sum(r["job_seconds"][k] for r in rows.values()) for label, k in kinds.items()}
+    out.update({"passkeys free": results["needle_free"]["seconds"], "passkeys healed": results["needle_healed"]["seconds"],
+                "complexity": results["complexity"]["seconds"]})
+    return out
 
 
 def _pm(values: list[float], digits: int = 1) -> str:
@@ -87,16 +129,18 @@ def _plain(values: list[float], digits: int = 3) -> str:
 def table(summary: dict) -> str:
     """The main table (also the README block)."""
     b = summary["budget"]
-    n_top, mem = max(b["needle_contexts"]), b["memory_context"]
+    n_top, mem = ref_context(b), b["memory_context"]
     ctxs = ", ".join(str(n) for n in b["needle_contexts"])
     lines = [f"| row | KV bytes/token @ {n_top} (live = plan) | memory reduction @ {mem} (claimed) | "
              f"ppl drop %, training-free | ppl drop %, healed (claimed) | KL free → healed | top-1 free → healed | "
-             f"passkey @ {ctxs} free → healed | decode tok/s vs source @ {n_top} | prefill exp | decode exp |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"passkey @ {ctxs} free → healed | sequences per GiB @ {b['serve_context']} (× source) | "
+             f"aggregate tok/s @ {b['serve_gib']:g} GiB KV, {b['serve_context']} (batch; × source) | "
+             f"decode tok/s vs source @ {n_top} | prefill exp | decode exp |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     src = summary["source"]
-    acc = " / ".join(f"{v:.2f}" for v in src["needle"].values())
+    acc = " / ".join(_acc(src["needle"], n) for n in b["needle_contexts"])
     lines.append(f"| source (SmolLM2-135M) | {src['bytes_per_token_live']:.0f} | 0% | (ppl {_plain(src['ppl'], 2)}) | — | "
-                 f"0 | 1 | {acc} | 1.00 | {src['prefill_exponent']:.2f} | {src['decode_exponent']:.2f} |")
+                 f"0 | 1 | {acc} | {src['sequences_per_gib']:.1f} (1.00) | {_srv(src)} | 1.00 | {src['prefill_exponent']:.2f} | {src['decode_exponent']:.2f} |")
     for name, r in summary["rows"].items():
         claim = r["claim"]
         cm, cp = (f" ({claim[1]})", f" ({claim[2]})") if claim else ("", "")
@@ -104,31 +148,45 @@ def table(summary: dict) -> str:
         mark = "" if hv["real"] else " ≈"
         kl = f"{mean_sd(r['free']['kl'])[0]:.3f} → {mean_sd(r['healed']['kl'])[0]:.3f}"
         top = f"{mean_sd(r['free']['top1'])[0]:.3f} → {mean_sd(r['healed']['top1'])[0]:.3f}"
-        nd = " / ".join(f"{r['needle']['free'][str(n)]:.2f}→{r['needle']['healed'][str(n)]:.2f}" for n in b["needle_contexts"])
+        nd = " / ".join(f"{_acc(r['needle']['free'], n)}→{_acc(r['needle']['healed'], n)}" for n in b["needle_contexts"])
+        healed = "= free (nothing to heal)" if r.get("heal_skipped") else f"{_pm(r['healed']['ppl_drop_pct'])}{mark}"
         lines.append(f"| {name} | {r['bytes_per_token_live']:.0f} | {r['reduction_pct_mem']:.1f}%{cm} | "
-                     f"{_pm(r['free']['ppl_drop_pct'])} | {_pm(r['healed']['ppl_drop_pct'])}{mark}{cp} | {kl} | {top} | "
-                     f"{nd} | {r['decode_ratio']:.2f} | {r['prefill_exponent']:.2f} | {r['decode_exponent']:.2f} |")
+                     f"{_pm(r['free']['ppl_drop_pct'])} | {healed}{cp} | {kl} | {top} | "
+                     f"{nd} | {r['sequences_per_gib']:.1f} ({r['sequences_vs_source']:.2f}) | {_srv(r)} | {r['decode_ratio']:.2f} | {r['prefill_exponent']:.2f} | {r['decode_exponent']:.2f} |")
     return "\n".join(lines)
 
 
 def method(summary: dict) -> str:
     b, m = summary["budget"], summary["machine"]
-    eight = "" if 8192 in b["needle_contexts"] else (" The passkey runs at 8K only with `--budget large` (or a "
-                                                     "multiplier >= 2): it does not fit the default's time budget.")
+    gate, ctxs = b.get("needle_gate"), b["needle_contexts"]
+    longer = [n for n in ctxs if gate is not None and n > gate]
+    eight = (f" Passkeys at {', '.join(map(str, longer))} run only for the models that found the key at {gate} (— where "
+             f"one did not: the longest prefills are the run's most expensive steps); `--budget large` runs every model "
+             f"at every context." if longer else "")
+    skipped = [name for name, r in summary["rows"].items() if r.get("heal_skipped")]
+    skip = (f" Not healed ({', '.join(skipped)}): the full forward equals the source's at the heal length "
+            f"{b['heal_seq']} (within 1e-4), so healing has nothing to learn; healed = training-free." if skipped else "")
+    js = summary.get("job_breakdown", {})
+    spent = (" Job seconds by kind: " + ", ".join(f"{k} {v:.0f}" for k, v in js.items()) + "." if js else "")
     return (f"Budget `{b['name']}`: {b['eval_samples']} disjoint held-out samples of {b['eval_len']} tokens (stdlib test "
             f"split), prefilled in chunks of {b['chunk']} through each model's cache; ± is the spread over the samples "
             f"('within noise' when the mean is inside it; ≈ marks a healed value within the spread of its "
             f"training-free value). Calibration: once, 1 x {b['calib_len']} train tokens, shared by every row. "
             f"Healing: `kvlab heal --stage {b['heal_stage']}`, the same {b['heal_tokens']} tokens for every row (batch 1 x "
-            f"{b['heal_seq']}, seed 0; one healing seed: the spread shown is the evaluation's). Passkeys: {len(b['needle_depths'])} depths per context, greedy; decode tok/s "
+            f"{b['heal_seq']}, seed 0; one healing seed: the spread shown is the evaluation's).{skip} Passkeys: {len(b['needle_depths'])} depths per context, greedy; decode tok/s "
             f"is measured on the passkey answers, every model interleaved in one job. Complexity exponents: slope "
             f"of log time vs log length over {', '.join(map(str, b['speed_lengths']))} tokens on every "
             f"{b['speed_layers']}th layer of each row (random weights, interleaved). Memory reduction @ "
-            f"{b['memory_context']}: `kvlab plan`, which equals the live cache at every length measured (asserted)."
+            f"{b['memory_context']}: `kvlab plan`, which equals the live cache at every length measured (asserted). "
+            f"Sequences per GiB @ {b['serve_context']}: 2^30 / the plan's bytes of one sequence (× source: how many "
+            f"more sequences fit in a KV budget). Aggregate tok/s: the passkey's cache at {b['serve_context']} tokens "
+            f"replicated to as many sequences as fit in {b['serve_gib']:g} GiB of KV (* capped at {b['serve_max_batch']}), "
+            f"{b['serve_steps']} whole-batch decode steps timed after a warm-up, interleaved with the source; live "
+            f"cache == plan at that batch (asserted)."
             f"{eight} The budget rows reuse the committed per-layer plans docs/convert/smollm2-b25/plan.json and "
             f"smollm2-b10/plan.json (`--to plan.json`) instead of re-running the sensitivity search. "
             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; the jobs took {summary['jobs_total_seconds'] / 60:.1f} "
-            f"min in all (each timed when it ran), this invocation {summary['seconds'] / 60:.1f} min.")
+            f"min in all (each timed when it ran), this invocation {summary['seconds'] / 60:.1f} min.{spent}")
 
 
 def markdown(summary: dict) -> str:

@@ -80,14 +80,19 @@ class BaseBudget:
     eval_samples: int = 2  # disjoint held-out samples: the spread
     eval_len: int = 512
     chunk: int = 128  # prefill chunk appended to the cache, as decoding sees it
-    heal_tokens: int = 512
+    heal_tokens: int = 1024  # 4 steps of 1 x 256: the steep start of the layer-local curve
     heal_seq: int = 256
     heal_stage: str = "local"  # kvlab heal --stage: local (layer-local transfer, cheapest), kl or both
-    needle_contexts: list[int] = field(default_factory=lambda: [512, 2048])
+    needle_contexts: list[int] = field(default_factory=lambda: [512, 2048, 8192])
     needle_depths: list[float] = field(default_factory=lambda: [0.5])
+    needle_gate: int | None = 2048  # longer contexts only for the models that found a key here (None: all)
     speed_lengths: list[int] = field(default_factory=lambda: [512, 2048, 8192])
     speed_layers: int = 10  # complexity: every k-th layer of each row (random weights)
     memory_context: int = 8192
+    serve_context: int = 2048  # serving at a KV budget: one of the passkey contexts (its cache is reused)
+    serve_gib: float = 2.0  # the KV budget
+    serve_max_batch: int = 64  # cap on the measured batch (CPU time and memory)
+    serve_steps: int = 2  # timed whole-batch decode steps (after one warm-up)
     max_chars: int = 600_000
     rows: list[str] | None = None  # row names (None: all)
     name: str = "default"
@@ -96,7 +101,7 @@ class BaseBudget:
     def named(cls, name: str) -> BaseBudget:
         if name == "quick":
             return cls(calib_len=256, eval_samples=2, eval_len=128, chunk=64, heal_tokens=128, heal_seq=128,
-                       needle_contexts=[128, 256], needle_depths=[0.5], speed_lengths=[128, 512], speed_layers=30,
+                       needle_contexts=[128, 256], needle_depths=[0.5], needle_gate=None, serve_context=256, speed_lengths=[128, 512], speed_layers=30,
                        max_chars=200_000, rows=["MQA (fit merge)", "int4 KV"], name="quick")
         if name == "default":
             return cls()
@@ -113,7 +118,7 @@ class BaseBudget:
         return cls.named("default").scaled(factor, name)
 
     def scaled(self, factor: float, name: str) -> BaseBudget:
-        """Tokens times ``factor``; with ``factor >= 2`` the needle also runs at 4K and 8K."""
+        """Tokens times ``factor``; with ``factor >= 2`` the needle runs at 512 to 8K for every model at 3 depths."""
         out = BaseBudget(**{**asdict(self), "name": name})
         out.eval_len = max(64, int(self.eval_len * factor))
         out.heal_tokens = max(out.heal_seq, int(self.heal_tokens * factor))
@@ -121,11 +126,14 @@ class BaseBudget:
         if factor >= 2:
             out.needle_contexts = [512, 1024, 2048, 4096, 8192]
             out.needle_depths = [0.1, 0.5, 0.9]
+            out.needle_gate = None
             out.heal_stage = "both"
             out.speed_lengths = [512, 1024, 2048, 4096, 8192]
             out.max_chars = int(self.max_chars * factor)
         elif factor < 1:
             out.needle_contexts = [min(self.needle_contexts)]
+        if out.serve_context not in out.needle_contexts:
+            out.serve_context = max(n for n in out.needle_contexts if out.needle_gate is None or n <= out.needle_gate)
         return out
 
     def key(self, *names: str) -> dict:

@@ -14,6 +14,19 @@ import torch
 from kvlab.rope import Rotary
 
 
+def eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` on one thread. The matrices here are small (at most a few hundred rows), and
+    MKL's multi-threaded eigh on them spends its time in thread barriers when the cores are shared: two
+    orders of magnitude slower than one thread on a loaded 2-core machine (``kvlab compare --base``'s MQA
+    conversion took minutes instead of seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigh(m)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def pair_layout(rope, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Channel indices of one head: real and imaginary parts of each rotated pair ``[P]``, ``[P]`` and the
     channels RoPE leaves alone ``[D - 2P]`` (partial RoPE)."""
@@ -49,7 +62,7 @@ def rank1_merge(rows: torch.Tensor, weights: torch.Tensor, xx: torch.Tensor):
     of the ``w``-weighted covariance. Returns the merged rows ``[P, n]`` and ``a [P, m]`` (``k_g ~ a_g z``)."""
     root = weights.clamp_min(1e-12 * float(weights.max().clamp_min(1e-30))).sqrt().to(rows.dtype)  # [P, m]
     cov = root[:, :, None] * quad(rows, xx) * root.conj()[:, None, :]  # [P, m, m]
-    _, vecs = torch.linalg.eigh(cov)
+    _, vecs = eigh(cov)
     u = vecs[..., -1]  # [P, m] top eigenvector
     merged = torch.einsum("pm,pmn->pn", u.conj() * root, rows)
     return merged, u / root
@@ -57,7 +70,7 @@ def rank1_merge(rows: torch.Tensor, weights: torch.Tensor, xx: torch.Tensor):
 
 def sym_sqrt(m: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Symmetric (pseudo-inverse) square root of a PSD matrix ``[..., n, n]`` (float64)."""
-    vals, vecs = torch.linalg.eigh(m.double())
+    vals, vecs = eigh(m.double())
     keep = vals > vals.amax(-1, keepdim=True).clamp_min(1e-300) * 1e-12
     root = vals.clamp_min(0).sqrt()
     root = torch.where(keep, 1.0 / root.where(keep, torch.ones_like(root)), torch.zeros_like(root)) \
@@ -76,5 +89,5 @@ def query_energy(wq: torch.Tensor, xx: torch.Tensor, re: torch.Tensor, im: torch
 
 def top_eigvecs(cov: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` leading eigenvectors of a symmetric ``cov [n, n]``, as columns ``[n, k]`` (descending)."""
-    _, vecs = torch.linalg.eigh(cov.double())
+    _, vecs = eigh(cov.double())
     return vecs[:, -k:].flip(-1)

@@ -50,17 +50,31 @@ def perplexity_through_cache(model, rows: torch.Tensor, chunk: int = 256) -> flo
 
 
 @torch.no_grad()
-def compare(source, converted, rows: torch.Tensor, chunk: int = 256, progress: bool = True) -> dict:
-    """Perplexities, KL(source || converted), top-1 agreement and final cache bytes over ``rows``."""
+def reference_log_probs(source, rows: torch.Tensor, chunk: int = 256) -> list[dict]:
+    """Per row of ``rows [N, T + 1]``: the source's chunked log-probabilities (``[S, V]`` per chunk) and its
+    cache bytes at the end; computed once and passed to :func:`compare` for every converted model."""
+    out = []
+    for row in rows:
+        pairs = list(chunked_log_probs(source, row, chunk))
+        out.append({"log_probs": [logp for logp, _ in pairs], "cache_bytes": int(pairs[-1][1].nbytes)})
+    return out
+
+
+@torch.no_grad()
+def compare(source, converted, rows: torch.Tensor, chunk: int = 256, progress: bool = True,
+            reference: list[dict] | None = None) -> dict:
+    """Perplexities, KL(source || converted), top-1 agreement and final cache bytes over ``rows``.
+    ``reference``: the source's :func:`reference_log_probs` on the same rows and chunk (computed if absent)."""
+    if reference is None:
+        reference = reference_log_probs(source, rows, chunk)
     nll = {"source": 0.0, "converted": 0.0}
     kl, agree, count = 0.0, 0, 0
     cache_bytes: dict = {}
     bar = tqdm(total=rows.numel() - rows.shape[0], desc="evaluate", unit="tok", disable=not progress)
-    for row in rows:
-        pairs = zip(chunked_log_probs(source, row, chunk), chunked_log_probs(converted, row, chunk))
-        start, caches = 0, None
-        for (ls, cache_s), (lc, cache_c) in pairs:
-            caches = (cache_s, cache_c)
+    for row, ref in zip(rows, reference):
+        start, caches = 0, []
+        for ls, (lc, cache_c) in zip(ref["log_probs"], chunked_log_probs(converted, row, chunk)):
+            caches[:] = [cache_c]
             n = ls.shape[0]
             target = row[start + 1: start + 1 + n][:, None]
             nll["source"] -= float(ls.gather(1, target.to(ls.device)).sum())
@@ -69,7 +83,7 @@ def compare(source, converted, rows: torch.Tensor, chunk: int = 256, progress: b
             agree += int((ls.argmax(-1) == lc.argmax(-1)).sum())
             count, start = count + n, start + n
             bar.update(n)
-        cache_bytes = {"context": start, "source": int(caches[0].nbytes), "converted": int(caches[1].nbytes)}
+        cache_bytes = {"context": start, "source": ref["cache_bytes"], "converted": int(caches[0].nbytes)}
     bar.close()
     return {"tokens": count, "rows": rows.shape[0], "seq_len": rows.shape[1] - 1, "chunk": chunk,
             "ppl_source": math.exp(nll["source"] / count), "ppl_converted": math.exp(nll["converted"] / count),

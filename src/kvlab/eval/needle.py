@@ -44,15 +44,18 @@ def first_key(text: str) -> str | None:
 
 @torch.no_grad()
 def run_needles(models: dict, tokenizer, haystack: np.ndarray, contexts: list[int], depths: list[float],
-                seed: int = 0, answer_tokens: int = 8, progress: bool = True) -> dict:
-    """Per model: accuracy per context (over ``depths``), median decode tokens/s and cache bytes per context."""
-    out = {name: {"accuracy": {}, "decode_tok_s": {}, "cache_bytes": {}, "answers": {}} for name in models}
+                seed: int = 0, answer_tokens: int = 8, progress: bool = True, after=None) -> dict:
+    """Per model: accuracy per context (over ``depths``), median decode tokens/s and cache bytes per context.
+    ``after(name, model, context, cache, token)``, when given, runs after each answer on its cache (filled
+    with the prompt and the answer; ``token``: the last one, not yet in it), interleaved with the trials;
+    what it returns (not None) is kept per context under ``"after"`` (the first depth's)."""
+    out = {name: {"accuracy": {}, "decode_tok_s": {}, "cache_bytes": {}, "answers": {}, "after": {}} for name in models}
     trials = [(n, d) for n in contexts for d in depths]
     for n, depth in tqdm(trials, desc="needle", unit="prompt", disable=not progress):
         rng = random.Random(f"{seed}-{n}-{depth}")
         prompt, key = needle_prompt(tokenizer, haystack, n, depth, rng)
         for name, model in models.items():
-            cache = model.new_cache(1, max_length=n + answer_tokens)
+            cache = model.new_cache(1, max_length=n + 2 * answer_tokens)
             token = model(torch.tensor([prompt], device=model.device), cache=cache, last_only=True).argmax(-1)
             out[name]["cache_bytes"][n] = int(cache.nbytes)
             answer = [int(token)]
@@ -65,6 +68,9 @@ def run_needles(models: dict, tokenizer, haystack: np.ndarray, contexts: list[in
             hit = first_key(text) == key
             out[name]["answers"].setdefault(n, []).append({"depth": depth, "key": key, "answer": text, "hit": hit})
             out[name]["decode_tok_s"].setdefault(n, []).append(rate)
+            extra = after(name, model, n, cache, token) if after is not None else None
+            if extra is not None:
+                out[name]["after"].setdefault(n, extra)
     for res in out.values():
         res["accuracy"] = {n: float(np.mean([a["hit"] for a in res["answers"][n]])) for n in contexts}
         res["decode_tok_s"] = {n: float(np.median(res["decode_tok_s"][n])) for n in contexts}
