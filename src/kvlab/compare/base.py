@@ -208,7 +208,7 @@ def _heal_config(budget: BaseBudget, seed: int):
     from kvlab.heal.driver import HealConfig
 
     return HealConfig(tokens=budget.heal_tokens, stage=budget.heal_stage, batch=1, seq=budget.heal_seq, eval_points=1, eval_windows=1,
-                      eval_seq=64, max_chars=budget.max_chars, seed=seed, local_lr=1e-3)
+                      eval_seq=64, max_chars=budget.max_chars, seed=seed)
 
 
 def compare_base(base: str, out: Path, budget: BaseBudget, log=print) -> dict:
