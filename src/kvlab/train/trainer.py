@@ -189,16 +189,19 @@ class Trainer:
             total = float(reduced) / self.world
         if not math.isfinite(total):  # stop before the update: the weights and the last checkpoint stay good
             self.optimizer.zero_grad(set_to_none=True)
-            kept = (f"the last good checkpoint (step {self.saved_step}) is kept in {self.out / CHECKPOINT}"
-                    if self.saved_step is not None else "no checkpoint was written")
-            raise KvlabError(f"step {self.step + 1}: loss is {total}; training stopped ({kept}); lower --lr or "
-                             "check the config and data")
+            raise self._diverged(self.step + 1, "loss", total)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         return total
+
+    def _diverged(self, step: int, what: str, value: float) -> KvlabError:
+        kept = (f"the last good checkpoint (step {self.saved_step}) is kept in {self.out / CHECKPOINT}"
+                if self.saved_step is not None else "no checkpoint was written")
+        return KvlabError(f"step {step}: {what} is {value}; training stopped ({kept}); lower --lr or "
+                          "check the config and data")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -207,6 +210,8 @@ class Trainer:
         try:
             losses = [float(self._loss(self.core, self.val_data.batch_at(i))) for i in range(self.cfg.eval_batches)]
             out = {"val_loss": sum(losses) / len(losses)}
+            if not math.isfinite(out["val_loss"]):  # never report a NaN as a result
+                raise self._diverged(self.step, "validation loss", out["val_loss"])
             if self.eval_hook is not None and self.rank == 0:
                 out.update(self.eval_hook(self.model))
             if self.cfg.task == "recall":
