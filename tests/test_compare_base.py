@@ -5,12 +5,13 @@ the run's table. Budgets scale without code changes."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 
 from kvlab.cli import main
-from kvlab.compare.base_report import README_END, README_START, ref_context, table
+from kvlab.compare.base_report import README_END, README_START, plots, ref_context, table
 from kvlab.compare.base_rows import ROWS, BaseBudget, row_steps
 from kvlab.planner import plan
 
@@ -48,6 +49,12 @@ def test_compare_base_quick_end_to_end(tmp_path, capsys):
     for r in (mqa, int4, summary["source"]):  # batched decode at the KV budget (live == plan asserted there)
         assert r["serving"]["aggregate_tok_s"] > 0 and 1 <= r["serving"]["batch"] <= min(r["serving"]["fit"], 64)
     assert "within noise" in md or "≈" in md or "±" in md
+    # a context gated off for a model (8K only after a key found at 2K) is left out of its plotted line
+    gated = copy.deepcopy(summary)
+    for stage in ("free", "healed"):
+        gated["rows"]["MQA (fit merge)"]["needle"][stage].pop(str(summary["budget"]["needle_contexts"][-1]))
+    plots(gated, tmp_path)
+    assert (tmp_path / "retrieval.png").stat().st_size > 1000
     capsys.readouterr()
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{README_START}\nold\n{README_END}\n\nafter\n")

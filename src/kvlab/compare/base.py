@@ -234,7 +234,7 @@ def compare_base(base: str, out: Path, budget: BaseBudget, log=print) -> dict:
     jobs = Jobs(out, log)
     common = {"base": base, "calib_len": budget.calib_len, "max_chars": budget.max_chars}
     ev = {**common, **budget.key("eval_samples", "eval_len", "chunk")}
-    hk = {**common, **budget.key("heal_tokens", "heal_seq", "heal_stage", "max_chars")}
+    hk = {**common, **budget.key("heal_tokens", "heal_seq", "heal_stage", "max_chars")}  # + the seed
     results: dict = {"rows": {}}
     models_dir = out / WORK
     for row in rows:
@@ -253,35 +253,35 @@ def compare_base(base: str, out: Path, budget: BaseBudget, log=print) -> dict:
                               lambda row=row: {**fidelity_job(session(), model(), row.name), "config": model().config.to_dict(),
                                        "source_config": session().config.to_dict()})}
         student = folder / "converted"
-        heal_key = {**hk, **row_key(row), "seed": 0}
 
-        def do_heal(row=row, student=student, folder=folder):
+        def do_heal(seed: int, row=row, student=student, folder=folder):
+            config = _heal_config(budget, seed)
             if session().heal_is_identity(model()):
-                return {"skipped": IDENTITY, "heal_seconds": 0.0, "curve": [],
-                        "config": dataclasses.asdict(_heal_config(budget, 0))}
+                return {"skipped": IDENTITY, "heal_seconds": 0.0, "curve": [], "config": dataclasses.asdict(config)}
             if not (student / "config.json").exists():
                 model().save(student, overwrite=True)
-            shutil.rmtree(folder / "heal", ignore_errors=True)
-            summary = heal(student, base, folder / "heal", _heal_config(budget, 0), force=True, progress=False)
+            shutil.rmtree(folder / f"heal-{seed}", ignore_errors=True)
+            summary = heal(student, base, folder / f"heal-{seed}", config, force=True, progress=False)
             return {"checkpoint": summary["checkpoint"], "heal_seconds": summary["seconds"],
-                    "curve": summary["points"], "config": dataclasses.asdict(_heal_config(budget, 0))}
+                    "curve": summary["points"], "config": dataclasses.asdict(config)}
 
-        r["heal"] = jobs.run(f"heal-{row.name}", heal_key, do_heal)
-        healed = []
-
-        def healed_model(r=r, healed=healed):
-            if not healed:
-                healed.append(kvlab.load(r["heal"]["checkpoint"]).eval())
-            return healed[0]
-
-        if "skipped" in r["heal"]:  # healing cannot change it: the healed model is the training-free one
-            r["healed"] = {**r["free"], "seconds": 0.0, "same_as": "free"}
-        else:
-            r["healed"] = jobs.run(f"healed-{row.name}", {**key, **heal_key, "stage": "healed"},
-                                   lambda row=row: fidelity_job(session(), healed_model(), row.name + " healed"))
+        heals, healed_evals = [], []
+        for seed in range(budget.heal_seeds):  # seed 0 is the healed model of the passkeys; others add spread
+            heal_key = {**hk, **row_key(row), "seed": seed}
+            suffix = f" seed {seed}" if seed else ""
+            heals.append(jobs.run(f"heal-{row.name}{suffix}", heal_key, lambda seed=seed: do_heal(seed)))
+            if "skipped" in heals[0]:  # healing cannot change it: the healed model is the training-free one
+                healed_evals.append({**r["free"], "seconds": 0.0, "same_as": "free"})
+                break
+            healed_evals.append(jobs.run(f"healed-{row.name}{suffix}", {**key, **heal_key, "stage": "healed"},
+                                         lambda h=heals[-1], row=row: fidelity_job(session(), kvlab.load(h["checkpoint"]).eval(),
+                                                                                   row.name + " healed")))
+        r["heal"] = {**heals[0], "seeds": len(heals), "seconds": sum(h["seconds"] for h in heals),
+                     "heal_seconds_per_seed": [h["heal_seconds"] for h in heals]}
+        r["healed"] = {**healed_evals[0], "samples": [f for h in healed_evals for f in h["samples"]],
+                       "seconds": sum(h["seconds"] for h in healed_evals)}
         results["rows"][row.name] = r
         converted.clear()
-        healed.clear()
     nk = {**common, **budget.key("eval_samples", "eval_len", "needle_contexts", "needle_depths", "needle_gate", "serve_context",
                                  "serve_gib", "serve_max_batch", "serve_steps"),
           "rows": [r.name for r in rows]}

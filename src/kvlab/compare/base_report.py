@@ -166,6 +166,10 @@ def method(summary: dict) -> str:
     skipped = [name for name, r in summary["rows"].items() if r.get("heal_skipped")]
     skip = (f" Not healed ({', '.join(skipped)}): the full forward equals the source's at the heal length "
             f"{b['heal_seq']} (within 1e-4), so healing has nothing to learn; healed = training-free." if skipped else "")
+    n_seeds = b.get("heal_seeds", 1)
+    seeds = (f"{n_seeds} healing seeds (data order and initialisation), so a healed ± spans {n_seeds} heals x "
+             f"{b['eval_samples']} samples; the healed passkeys are seed 0's" if n_seeds > 1 else
+             "one healing seed (0): the healed spread is the evaluation's")
     js = summary.get("job_breakdown", {})
     spent = (" Job seconds by kind: " + ", ".join(f"{k} {v:.0f}" for k, v in js.items()) + "." if js else "")
     return (f"Budget `{b['name']}`: {b['eval_samples']} disjoint held-out samples of {b['eval_len']} tokens (stdlib test "
@@ -173,7 +177,7 @@ def method(summary: dict) -> str:
             f"('within noise' when the mean is inside it; ≈ marks a healed value within the spread of its "
             f"training-free value). Calibration: once, 1 x {b['calib_len']} train tokens, shared by every row. "
             f"Healing: `kvlab heal --stage {b['heal_stage']}`, the same {b['heal_tokens']} tokens for every row (batch 1 x "
-            f"{b['heal_seq']}, seed 0; one healing seed: the spread shown is the evaluation's).{skip} Passkeys: {len(b['needle_depths'])} depths per context, greedy; decode tok/s "
+            f"{b['heal_seq']}); {seeds}.{skip} Passkeys: {len(b['needle_depths'])} depths per context, greedy; decode tok/s "
             f"is measured on the passkey answers, every model interleaved in one job. Complexity exponents: slope "
             f"of log time vs log length over {', '.join(map(str, b['speed_lengths']))} tokens on every "
             f"{b['speed_layers']}th layer of each row (random weights, interleaved). Memory reduction @ "
@@ -219,10 +223,16 @@ def plots(summary: dict, out: Path) -> None:
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ctxs = summary["budget"]["needle_contexts"]
-    ax.plot(ctxs, [summary["source"]["needle"][str(n)] for n in ctxs], "k-o", label="source")
+
+    def measured(acc: dict) -> tuple[list[int], list[float]]:
+        """The contexts a model's passkeys ran at (8K is skipped for a model that missed at 2K)."""
+        pts = [(n, acc[str(n)]) for n in ctxs if str(n) in acc]
+        return [n for n, _ in pts], [a for _, a in pts]
+
+    ax.plot(*measured(summary["source"]["needle"]), "k-o", label="source")
     for i, (name, r) in enumerate(rows.items()):
-        ax.plot(ctxs, [r["needle"]["free"][str(n)] for n in ctxs], "-o", color=f"C{i % 10}", label=name)
-        ax.plot(ctxs, [r["needle"]["healed"][str(n)] for n in ctxs], "--*", color=f"C{i % 10}")
+        ax.plot(*measured(r["needle"]["free"]), "-o", color=f"C{i % 10}", label=name)
+        ax.plot(*measured(r["needle"]["healed"]), "--*", color=f"C{i % 10}")
     ax.set(xscale="log", xlabel="context (tokens)", ylabel="passkey accuracy (- free, -- healed)", ylim=(-0.05, 1.05))
     ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()

@@ -83,6 +83,7 @@ class BaseBudget:
     heal_tokens: int = 1024  # 4 steps of 1 x 256: the steep start of the layer-local curve
     heal_seq: int = 256
     heal_stage: str = "local"  # kvlab heal --stage: local (layer-local transfer, cheapest), kl or both
+    heal_seeds: int = 2  # independent heals per row (data order, init): the healed spread covers them
     needle_contexts: list[int] = field(default_factory=lambda: [512, 2048, 8192])
     needle_depths: list[float] = field(default_factory=lambda: [0.5])
     needle_gate: int | None = 2048  # longer contexts only for the models that found a key here (None: all)
@@ -102,7 +103,7 @@ class BaseBudget:
         if name == "quick":
             return cls(calib_len=256, eval_samples=2, eval_len=128, chunk=64, heal_tokens=128, heal_seq=128,
                        needle_contexts=[128, 256], needle_depths=[0.5], needle_gate=None, serve_context=256, speed_lengths=[128, 512], speed_layers=30,
-                       max_chars=200_000, rows=["MQA (fit merge)", "int4 KV"], name="quick")
+                       max_chars=200_000, rows=["MQA (fit merge)", "int4 KV"], heal_seeds=1, name="quick")
         if name == "default":
             return cls()
         if name == "small":
