@@ -42,7 +42,8 @@ MLA = {"type": "mla", "n_heads": 9, "kv_lora_rank": 128, "qk_rope_head_dim": 32,
        "v_head_dim": 64}
 VARIANTS = {"GQA-3 (source)": {}, "MQA": {"n_kv_heads": 1}, "int8 KV": {"kv_quant": "int8"},
             "int4 KV": {"kv_quant": "int4"}, "sliding W=4096": {"type": "sliding", "window": 4096},
-            "sliding W=1024": {"type": "sliding", "window": 1024}, "MLA r=128+32": MLA}
+            "sliding W=1024": {"type": "sliding", "window": 1024},
+            "sliding W=1024 + 4 sinks": {"type": "sliding", "window": 1024, "sinks": 4}, "MLA r=128+32": MLA}
 
 
 def fill(cache, context: int, chunk: int = 1024) -> None:

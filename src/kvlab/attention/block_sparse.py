@@ -235,8 +235,8 @@ class BlockSparseAttention(FullAttention):
         if n_glob:
             gsteps = pad[:, None] + torch.arange(n_glob, device=k.device)[None, :]  # [B, G]
             steps.append(torch.where(gsteps < start, gsteps, torch.full_like(gsteps, EMPTY_STEP)))
-            keys.append(cache.state["sink_k"])
-            values.append(cache.state["sink_v"])
+            keys.append(cache.sink_k)
+            values.append(cache.sink_v)
             ring = torch.where(ring - pad[:, None] < n_glob, torch.full_like(ring, EMPTY_STEP), ring)
         keys += [cache.ring_k[:, :, : ring.shape[1]], k]
         values += [cache.ring_v[:, :, : ring.shape[1]], v]

@@ -80,36 +80,53 @@ class WindowKVCacheLayer(CacheLayer):
 
     ``key_steps()`` tells which step each ring slot holds (slot ``i`` holds the latest step ``s`` with
     ``s % window == i``; never-written slots get a step far in the past, which every mask rejects).
+    The sink slots and the ring are two views of one ``[B, Hkv, sinks + window, D]`` tensor per K and V,
+    so a decode step that sees every sink and every ring slot attends to it as is, with no copy.
     """
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, window: int, sinks: int,
                  dtype: torch.dtype, device=None):
         super().__init__()
         self.window, self.sinks = window, sinks
-        shape = (batch, kv_heads, window, head_dim)
-        self.ring_k = torch.zeros(shape, dtype=dtype, device=device)
-        self.ring_v = torch.zeros(shape, dtype=dtype, device=device)
-        if sinks:
-            self.state["sink_k"] = torch.zeros(batch, kv_heads, sinks, head_dim, dtype=dtype, device=device)
-            self.state["sink_v"] = torch.zeros_like(self.state["sink_k"])
+        shape = (batch, kv_heads, sinks + window, head_dim)
+        self.slots_k = torch.zeros(shape, dtype=dtype, device=device)  # [B, Hkv, sinks + W, D]: sinks, then ring
+        self.slots_v = torch.zeros(shape, dtype=dtype, device=device)
+
+    # views of slots_k/v, made on access (a write under autograd replaces the tensor's history, not the views')
+    @property
+    def ring_k(self) -> torch.Tensor:
+        return self.slots_k[:, :, self.sinks:]  # [B, Hkv, W, D]
+
+    @property
+    def ring_v(self) -> torch.Tensor:
+        return self.slots_v[:, :, self.sinks:]
+
+    @property
+    def sink_k(self) -> torch.Tensor:
+        return self.slots_k[:, :, :self.sinks]  # [B, Hkv, sinks, D]
+
+    @property
+    def sink_v(self) -> torch.Tensor:
+        return self.slots_v[:, :, :self.sinks]
 
     def live_tensors(self) -> list[torch.Tensor]:
         if self.length == 0:
-            return []
+            return list(self.state.values())  # a subclass's fixed state
         filled = min(self.length, self.window)
-        return [self.ring_k[:, :, :filled], self.ring_v[:, :, :filled]] + list(self.state.values())
+        sinks = [self.sink_k, self.sink_v] if self.sinks else []
+        return [self.ring_k[:, :, :filled], self.ring_v[:, :, :filled], *sinks, *self.state.values()]
 
     @property
     def reserved_nbytes(self) -> int:
-        return self.ring_k.nbytes + self.ring_v.nbytes + sum(t.nbytes for t in self.state.values())
+        return self.slots_k.nbytes + self.slots_v.nbytes + sum(t.nbytes for t in self.state.values())
 
     def reserve(self, total: int) -> None:
         pass  # fixed size
 
     def select(self, rows: torch.Tensor) -> None:
-        super().select(rows)
-        self.ring_k = self.ring_k.index_select(0, rows.to(self.ring_k.device))
-        self.ring_v = self.ring_v.index_select(0, rows.to(self.ring_v.device))
+        super().select(rows)  # a subclass's state
+        self.slots_k = self.slots_k.index_select(0, rows.to(self.slots_k.device))
+        self.slots_v = self.slots_v.index_select(0, rows.to(self.slots_v.device))
 
     def key_steps(self) -> torch.Tensor:
         """Step held by each ring slot ``[window]`` (``EMPTY_STEP`` for empty slots)."""
@@ -127,8 +144,8 @@ class WindowKVCacheLayer(CacheLayer):
         keep = min(seq, self.window)
         steps = torch.arange(start + seq - keep, start + seq, device=k.device)
         slots = steps % self.window
-        self.ring_k[:, :, slots] = k[:, :, seq - keep:]
-        self.ring_v[:, :, slots] = v[:, :, seq - keep:]
+        self.slots_k[:, :, self.sinks + slots] = k[:, :, seq - keep:]
+        self.slots_v[:, :, self.sinks + slots] = v[:, :, seq - keep:]
         self.length = start + seq
 
     def _write_sinks(self, k, v, start, pad_offset):
@@ -137,8 +154,8 @@ class WindowKVCacheLayer(CacheLayer):
             pad = 0 if pad_offset is None else int(pad_offset[row])
             first, last = max(start, pad), min(start + seq, pad + self.sinks)  # steps that are sinks
             if first < last:
-                self.state["sink_k"][row, :, first - pad:last - pad] = k[row, :, first - start:last - start]
-                self.state["sink_v"][row, :, first - pad:last - pad] = v[row, :, first - start:last - start]
+                self.slots_k[row, :, first - pad:last - pad] = k[row, :, first - start:last - start]
+                self.slots_v[row, :, first - pad:last - pad] = v[row, :, first - start:last - start]
 
 
 BAND_MIN = 256  # smallest query block of the banded prefill (``band_block``)
@@ -201,7 +218,7 @@ class WindowBand(Band):
             steps = cache.key_steps()
             self.ring = (cache.ring_k.clone(), cache.ring_v.clone(), steps)  # [B, Hkv, W, D] x 2, [W]
         if cache is not None and sinks:
-            self.sink_slots = (cache.state["sink_k"].clone(), cache.state["sink_v"].clone())
+            self.sink_slots = (cache.sink_k.clone(), cache.sink_v.clone())
 
     def blocks(self):
         ctx, w, start, seq = self.ctx, self.window, self.ctx.start, self.k.shape[2]
@@ -233,10 +250,14 @@ def window_keys_values(k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, ca
     ``k, v [B, Hkv, S, D]``, which are then written to the ring; returns keys, values and their mask (a
     ``WindowBand`` for a forward longer than a band block: attend with ``attend_in_blocks``)."""
     start = ctx.start
-    if cache is not None and ctx.seq_len == 1 and not sinks:  # decode: write, then attend over the ring
+    held = start + 1  # steps held after a decode step's write
+    if cache is not None and ctx.seq_len == 1 and (not sinks or ctx.pad_offset is None and not window < held < window + sinks):
+        # decode: write, then attend over what is held, unmasked wherever every held key is visible
         cache.write(k, v, start, ctx.pad_offset)
-        filled = min(cache.length, window)  # before wrap-around only slots 0..length-1 are written
-        k_all, v_all = cache.ring_k[:, :, :filled], cache.ring_v[:, :, :filled]
+        filled = min(held, window)  # before wrap-around only slots 0..held-1 are written
+        if sinks and held > window:  # every sink has left the window: sink slots + the whole ring, one view
+            return cache.slots_k, cache.slots_v, None
+        k_all, v_all = cache.ring_k[:, :, :filled], cache.ring_v[:, :, :filled]  # the sinks, if any, are in it
         if ctx.pad_offset is None:
             return k_all, v_all, None  # every written slot is in the window
         return k_all, v_all, window_mask(ctx, cache.key_steps()[:filled], window, 0, start)
@@ -259,8 +280,8 @@ def dense_window_keys_values(k: torch.Tensor, v: torch.Tensor, ctx: ForwardConte
     values = [cache.ring_v[:, :, : len(ring_steps)], v]
     masks = [window_mask(ctx, torch.cat([ring_steps, ctx.query_steps]), window, sinks, start)]
     if sinks:
-        keys.insert(0, cache.state["sink_k"])
-        values.insert(0, cache.state["sink_v"])
+        keys.insert(0, cache.sink_k)
+        values.insert(0, cache.sink_v)
         masks.insert(0, sink_slot_mask(ctx, sinks, start))
     k_all, v_all = torch.cat(keys, dim=2), torch.cat(values, dim=2)
     cache.write(k, v, start, ctx.pad_offset)
