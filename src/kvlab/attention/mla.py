@@ -246,18 +246,17 @@ class MultiHeadLatentAttention(nn.Module):
         # per-head products as one bmm over heads (weights read in place, not broadcast over the batch)
         q_latent = torch.bmm(q_nope.transpose(0, 1).reshape(heads, batch * seq, -1), w_uk)  # [H, B*S, r]
         q_latent = q_latent.view(heads, batch, seq, -1).transpose(0, 1)  # [B, H, S, r]
-        query = torch.cat([q_latent, q_rope], dim=-1) * self.scale  # [B, H, S, r + dR]
-        # one "KV head" shared by all H query heads: fold the heads into the query axis and read the cache
-        # in place (SDPA's math fallback for unequal q/v dims would copy the scaled cache every step)
-        scores = torch.matmul(query.reshape(batch, 1, heads * seq, -1), ckv.transpose(-1, -2))  # [B,1,H*S,T]
-        scores = scores.view(batch, heads, seq, -1)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))  # mask [B|1, 1, S, T] broadcasts over heads
-        elif seq > 1:  # no past (a full forward): plain causal
-            causal = torch.ones(seq, seq, dtype=torch.bool, device=scores.device).tril()
-            scores = scores.masked_fill(~causal, float("-inf"))
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(ckv.dtype).view(batch, 1, heads * seq, -1)
-        out = torch.matmul(probs, ckv[..., : self.rank]).view(batch, heads, seq, self.rank)  # [B, H, S, r]
+        query = torch.cat([q_latent, q_rope], dim=-1)  # [B, H, S, r + dR]
+        if seq > 1:  # a prefill chunk: SDPA's fused kernel over one KV head (values: the latent), no [S, T] scores
+            out = grouped_sdpa(query, ckv, ckv[..., : self.rank], mask, causal=True, scale=self.scale)  # [B,H,S,r]
+        else:
+            # decode: one "KV head" shared by all H query heads, the cache read in place (SDPA's math fallback
+            # for unequal q/v dims would copy the scaled cache every step); heads folded into the query axis
+            scores = torch.matmul((query * self.scale).view(batch, 1, heads, -1), ckv.transpose(-1, -2))  # [B,1,H,T]
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))  # mask [B|1, 1, 1, T] broadcasts over heads
+            probs = scores.softmax(dim=-1, dtype=torch.float32).to(ckv.dtype)
+            out = torch.matmul(probs, ckv[..., : self.rank]).view(batch, heads, 1, self.rank)  # [B, H, 1, r]
         out = torch.bmm(out.transpose(0, 1).reshape(heads, batch * seq, -1), w_uv.transpose(1, 2))  # [H,B*S,dv]
         return out.view(heads, batch, seq, -1).transpose(0, 1)  # [B, H, S, d_v]
 
