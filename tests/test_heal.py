@@ -192,12 +192,44 @@ def test_resume_is_bit_exact(pair, stop):
 
 
 # ---- the command line ---------------------------------------------------------------------------------
+REPORT_FLAGS = ["--eval-seqs", "1", "--eval-len", "32", "--chunk", "16", "--needle-contexts", "160",
+                "--needle-depths", "0.5"]
+
+
+def test_cli_writes_convert_s_report_on_the_healed_model(pair, capsys):
+    """OUT/report.json/md: the healed model against the teacher on the test split; with one probe window at
+    the split's start, the report's KL is the curve's final KL; --no-report (and --force) leaves none."""
+    student, teacher, corpus = pair
+    (student / "plan.json").write_text(json.dumps({"kvlab_plan": 1, "context": 128, "layers": ["gqa-1"] * 2}))
+    out = student.parent / "reported"
+    args = ["heal", str(student), "--teacher", str(teacher), "--corpus", str(corpus), "--out", str(out),
+            "--tokens", "2K", "--batch", "4", "--seq", "32", "--eval-seq", "32", "--eval-windows", "1",
+            "--eval-points", "1", "--stage", "local", "--no-progress", *REPORT_FLAGS]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "perplexity through the cache" in text and "| | source | healed |" in text
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").read_text() == text[:-1]  # print() adds a newline
+    assert {"fidelity", "needle", "bytes", "plan", "data", "heal"} <= report.keys()
+    assert report["plan"] == ["gqa-1"] * 2 and report["bytes"]["context"] == 128
+    assert report["to"] == f"healed {student.resolve()}" and report["source"] == str(teacher)
+    checks = report["bytes"]["measured_vs_planned"]
+    assert {c["context"] for c in checks} == {32, 160} and all(c["equal"] for c in checks)
+    curve = json.loads((out / "curve.json").read_text())["final"]
+    assert report["heal"]["curve_final"] == curve and curve["tokens"] == 2048
+    assert report["fidelity"]["kl"] == pytest.approx(curve["kl"], rel=1e-4, abs=1e-6)
+    assert report["fidelity"]["ppl_converted"] == pytest.approx(curve["ppl"], rel=1e-4)
+    assert main([*args, "--no-report", "--force"]) == 0
+    assert "perplexity" not in capsys.readouterr().out
+    assert not (out / "report.json").exists() and not (out / "report.md").exists()
+
+
 def test_cli_heals_and_refuses_in_one_line(pair, capsys):
     student, teacher, corpus = pair
     out = student.parent / "cli"
     args = ["heal", str(student), "--teacher", str(teacher), "--corpus", str(corpus), "--out", str(out),
             "--tokens", "2K", "--batch", "4", "--seq", "32", "--eval-seq", "32", "--eval-points", "1",
-            "--stage", "local", "--no-progress"]
+            "--stage", "local", "--no-progress", *REPORT_FLAGS]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "KL" in err and "curve" in err and (out / "local" / "checkpoint" / "model.safetensors").exists()
@@ -205,11 +237,13 @@ def test_cli_heals_and_refuses_in_one_line(pair, capsys):
     (student.parent / "mine" / "notes.txt").write_text("keep")
     for extra, message in [([], "--force"), (["--fsdp"], "--fsdp"), (["--out", str(student.parent / "mine"),
                            "--force"], "not a kvlab heal folder"), (["--stage", "kl", "--force", "--teacher",
-                           str(student)], "nothing was converted")]:
+                           str(student)], "nothing was converted"), (["--needle-contexts", "300", "--force"],
+                           "--needle-contexts: 300 tokens exceed the model's max_seq_len (256)")]:
         code = main(args + extra)
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
     assert (out / "local" / "checkpoint" / "model.safetensors").exists()  # refused runs delete nothing
+    assert (out / "report.json").exists()
     assert (student.parent / "mine" / "notes.txt").exists()
     assert main(["heal", "--out", str(student.parent / "none"), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err

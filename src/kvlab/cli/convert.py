@@ -35,6 +35,23 @@ def floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
 
 
+def add_report_args(p, no_report_help: str) -> None:
+    """The fidelity report's flags (``kvlab convert`` and ``kvlab heal``)."""
+    p.add_argument("--eval-seqs", type=int, default=2, help="held-out sequences for perplexity/KL (default 2; 0 skips)")
+    p.add_argument("--eval-len", type=token_count, default=2048, help="held-out sequence length (default 2048)")
+    p.add_argument("--chunk", type=positive_int, default=256, help="prefill chunk appended to the cache (default 256)")
+    p.add_argument("--needle-contexts", type=token_counts, default=[2048, 8192],
+                   help="passkey / decode-speed contexts (default 2048,8192; empty string skips)")
+    p.add_argument("--needle-depths", type=floats, default=[0.1, 0.5, 0.9], help="passkey depths (default 0.1,0.5,0.9)")
+    p.add_argument("--no-report", action="store_true", help=no_report_help)
+
+
+def report_flags(args) -> dict:
+    """The flags of ``kvlab.convert.report.evaluate`` from parsed ``add_report_args``."""
+    return {"eval_seqs": args.eval_seqs, "eval_len": args.eval_len, "chunk": args.chunk,
+            "needle_contexts": args.needle_contexts, "needle_depths": args.needle_depths}
+
+
 def add_parser(sub):
     p = sub.add_parser("convert", help="retrofit a checkpoint to a smaller KV cache (training-free)",
                        description=__doc__.split("\n\n")[0] + " SPEC grammar: see kvlab.convert.spec "
@@ -55,13 +72,7 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of data offsets and passkeys (default 0)")
     p.add_argument("--calib-seqs", type=positive_int, default=1, help="calibration sequences (default 1)")
     p.add_argument("--calib-len", type=token_count, default=2048, help="calibration sequence length (default 2048)")
-    p.add_argument("--eval-seqs", type=int, default=2, help="held-out sequences for perplexity/KL (default 2; 0 skips)")
-    p.add_argument("--eval-len", type=token_count, default=2048, help="held-out sequence length (default 2048)")
-    p.add_argument("--chunk", type=positive_int, default=256, help="prefill chunk appended to the cache (default 256)")
-    p.add_argument("--needle-contexts", type=token_counts, default=[2048, 8192],
-                   help="passkey / decode-speed contexts (default 2048,8192; empty string skips)")
-    p.add_argument("--needle-depths", type=floats, default=[0.1, 0.5, 0.9], help="passkey depths (default 0.1,0.5,0.9)")
-    p.add_argument("--no-report", action="store_true", help="convert only (no evaluation)")
+    add_report_args(p, "convert only (no evaluation)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--force", action="store_true", help="replace the files a previous convert wrote in --out")
     return p
@@ -103,7 +114,7 @@ def run(args) -> int:  # noqa: C901 (one linear pipeline)
     from kvlab.convert import budget as bud
     from kvlab.convert.build import convert, needs_calibration
     from kvlab.convert.calibrate import calibration_rows, collect
-    from kvlab.convert.report import bytes_section, markdown, write
+    from kvlab.convert.report import bytes_section, check_lengths, evaluate, markdown, write
     from kvlab.convert.spec import format_steps, parse_layer_spec, resolve_spec
     from kvlab.machine import machine_info
     from kvlab.outputs import prepare_output_dir
@@ -126,6 +137,8 @@ def run(args) -> int:  # noqa: C901 (one linear pipeline)
     if getattr(tokenizer, "inner", None) is None and cfg.vocab_size > 512:
         raise KvlabError(f"{args.source}: no tokenizer.json found; a {cfg.vocab_size}-token model is not "
                          "byte-level, so its text cannot be encoded")
+    if not args.no_report:
+        check_lengths(cfg.max_seq_len, args.eval_seqs, args.eval_len, args.needle_contexts)
     times: dict = {}
     t0 = time.perf_counter()
     plan_data: dict = {}
@@ -186,31 +199,14 @@ def run(args) -> int:  # noqa: C901 (one linear pipeline)
               "data": {"calibration": calib_desc, "evaluation": "none"}}
     measured: dict = {}
     if not args.no_report:
-        from kvlab.eval.fidelity import compare, heldout_rows
-        from kvlab.eval.needle import run_needles
-
         t3 = time.perf_counter()
         if corpus is None:
             corpus, _ = data_ids(args, tokenizer, "train")
         test_ids = data_ids(args, tokenizer, "test")[1]
-        evals = []
-        if args.eval_seqs > 0:
-            rows = heldout_rows(test_ids, args.eval_seqs, args.eval_len)
-            report["fidelity"] = compare(source, converted, rows, args.chunk)
-            cb = report["fidelity"]["cache_bytes"]
-            measured[cb["context"]] = cb
-            evals.append(f"{corpus.source} test split, {args.eval_seqs} x {args.eval_len + 1} tokens from its start")
-        if args.needle_contexts:
-            hay = test_ids[args.eval_seqs * (args.eval_len + 1):]
-            needles = run_needles({"source": source, "converted": converted}, tokenizer, hay,
-                                  args.needle_contexts, args.needle_depths, args.seed)
-            needles["depths"] = args.needle_depths
-            report["needle"] = needles
-            for n in args.needle_contexts:
-                measured[n] = {"source": needles["source"]["cache_bytes"][n],
-                               "converted": needles["converted"]["cache_bytes"][n]}
-            evals.append(f"passkey haystacks from the test split after those tokens (seed {args.seed})")
-        report["data"]["evaluation"] = "; ".join(evals) or "none"
+        fields, measured = evaluate(source, converted, tokenizer, test_ids, corpus.source, seed=args.seed,
+                                    **report_flags(args))
+        report["data"]["evaluation"] = fields.pop("evaluation")
+        report.update(fields)
         times["report_s"] = time.perf_counter() - t3
     report["bytes"] = bytes_section(cfg, converted.config, args.context, measured)
     write(out, report)

@@ -8,6 +8,7 @@ Run folder::
     OUT/kl/             stage 2's; the last stage's checkpoint/ is the healed model (``kvlab.load`` reads it)
     OUT/curve.json      KL and perplexity against healing tokens, per stage; plus the final numbers
     OUT/curve.png
+    OUT/report.json     the healed model's fidelity report against the teacher (``kvlab heal``; report.md too)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from kvlab.train.trainer import CHECKPOINT, TrainConfig, Trainer
 
 STAGES = ("local", "kl")
 RECORD = "heal.json"
+REPORT = ("report.json", "report.md")  # written by the CLI after healing (kvlab.convert.report)
 
 
 @dataclass
@@ -94,7 +96,7 @@ def _reset(out: Path, force: bool) -> None:
     for stage in STAGES:
         if manifest_files(out / stage) is not None:
             remove_recorded(out / stage)
-    prepare_output_dir(out, force, files=(RECORD, "curve.json", "curve.png"), what="heal folder")
+    prepare_output_dir(out, force, files=(RECORD, "curve.json", "curve.png", *REPORT), what="heal folder")
 
 
 def _write(out: Path, record: dict) -> None:
@@ -104,11 +106,13 @@ def _write(out: Path, record: dict) -> None:
 
 
 def heal(student_path: str | Path, teacher_path: str | Path, out: str | Path, cfg: HealConfig, *,
-         force: bool = False, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
+         force: bool = False, resume: bool = False, progress: bool = True, stop_after: int | None = None,
+         check=None) -> dict:
     """Heal the kvlab checkpoint ``student_path`` toward ``teacher_path`` into ``out``; returns the
     summary written to ``OUT/curve.json``. Under ``torchrun`` every stage runs data-parallel.
     ``stop_after``: stop after this many optimizer steps in this call (as an interruption would; resume
-    later); returns ``{}`` then."""
+    later); returns ``{}`` then. ``check(student, teacher)``, when given, runs on the loaded models before
+    the run folder is touched or anything trains (e.g. to refuse report flags the models cannot hold)."""
     import kvlab
     from kvlab.data.corpus import ChunkSampler, load_corpus, split_ids
     from kvlab.heal.fidelity import FidelityProbe
@@ -126,6 +130,8 @@ def heal(student_path: str | Path, teacher_path: str | Path, out: str | Path, cf
     cfg.validate()
     teacher = kvlab.load(teacher_path).eval()
     student = kvlab.load(student_path)
+    if check is not None:
+        check(student, teacher)
     for p in teacher.parameters():
         p.requires_grad_(False)
     layers = converted_layers(student, teacher)
