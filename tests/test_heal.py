@@ -287,3 +287,13 @@ def test_ddp_two_processes_match_single_process(pair):
     a = _weights(student.parent / "ddp" / "kl" / "checkpoint")
     b = _weights(Path(single["checkpoint"]))
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+
+
+def test_heal_json_keeps_model_names_and_resolves_folders(tmp_path, monkeypatch):
+    """--resume reloads what heal.json recorded: a named model (smollm2-135m) must stay a name."""
+    from kvlab.heal.driver import _where
+
+    (tmp_path / "student").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert _where("smollm2-135m") == "smollm2-135m"
+    assert _where("student") == str((tmp_path / "student").resolve())

@@ -105,6 +105,12 @@ def _write(out: Path, record: dict) -> None:
     atomic_write(out / RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
 
 
+def _where(path: str | Path) -> str:
+    """How heal.json records a model for ``--resume``: an existing folder or file as an absolute path, and
+    anything else (a model name such as ``smollm2-135m``) as given."""
+    return str(Path(path).resolve()) if Path(path).exists() else str(path)
+
+
 def heal(student_path: str | Path, teacher_path: str | Path, out: str | Path, cfg: HealConfig, *,
          force: bool = False, resume: bool = False, progress: bool = True, stop_after: int | None = None,
          check=None) -> dict:
@@ -144,7 +150,7 @@ def heal(student_path: str | Path, teacher_path: str | Path, out: str | Path, cf
     probe = FidelityProbe(teacher, ids["test"], cfg.eval_seq, cfg.eval_windows) if rank == 0 else None
     if rank == 0 and not resume:
         _reset(out, force)
-        saved = {"student": str(Path(student_path).resolve()), "teacher": str(Path(teacher_path).resolve()),
+        saved = {"student": _where(student_path), "teacher": _where(teacher_path),
                  "config": dataclasses.asdict(cfg), "converted_layers": layers, "trainable": names,
                  "start": probe(student), "done": [], "seconds": {}}
         _write(out, saved)
