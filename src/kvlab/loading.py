@@ -36,6 +36,21 @@ def load(source: str | Path, dtype: str | None = None) -> Model:
     return build_model(config, state, str(path))
 
 
+def read_model_config(source: str | Path) -> ModelConfig:
+    """The config ``load(source)`` builds, without reading the weights (e.g. to pick a dtype first)."""
+    path = Path(resolve(source))
+    if not path.exists():
+        raise KvlabError(f"{path}: no such checkpoint folder or file")
+    if is_gguf(path):
+        return read_gguf_config(path)
+    data = read_config_file(path)
+    if "kvlab_version" in data:
+        return ModelConfig.from_dict(data)
+    from kvlab.hf import config_from_hf
+
+    return config_from_hf(data, str(path / "config.json"))
+
+
 def build_model(config: ModelConfig, state: dict[str, torch.Tensor], where: str) -> Model:
     """Build ``config`` on the meta device (no allocation), then take ``state``'s tensors as the
     parameters (validated by ``install_state``) and cast to the config's dtype."""

@@ -97,3 +97,10 @@ def check_new_file(path: str, force: bool, flag: str = "--out") -> None:
     from kvlab.outputs import output_file
 
     output_file(path, force, flag)
+
+
+def add_dtype_arg(parser) -> None:
+    """``--dtype auto|float32|bfloat16`` (``kvlab.runtime_dtype.resolve_dtype`` reads it)."""
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
+                        help="weights' dtype (default: the checkpoint's own); auto: bfloat16 only where this "
+                        "machine measures it faster, printed on stderr")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvlab.cli._args import check_new_file, int_range, positive_int, token_counts
+from kvlab.cli._args import add_dtype_arg, check_new_file, int_range, positive_int, token_counts
 from kvlab.data.recall import LAYOUTS
 
 
@@ -33,6 +33,7 @@ def add_parser(sub):
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    add_dtype_arg(p)
     return p
 
 
@@ -42,12 +43,13 @@ def run(args) -> int:
     from kvlab.checkpoint import atomic_write
     from kvlab.eval import evaluate as ev
     from kvlab.loading import load
+    from kvlab.runtime_dtype import resolve_dtype
     from kvlab.safe_io import dumps_finite
 
     if args.out:
         check_new_file(args.out, args.force)
     torch.manual_seed(0)
-    model = load(args.checkpoint).eval()
+    model = load(args.checkpoint, dtype=resolve_dtype(args.dtype, args.checkpoint)).eval()
     _check_lengths(args, model.config.max_seq_len)
     result: dict = {"checkpoint": str(args.checkpoint), "params": model.num_parameters()}
     if not args.no_ppl:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from kvlab.cli._args import float_range, int_range, nonneg_int, seed_int
+from kvlab.cli._args import add_dtype_arg, float_range, int_range, nonneg_int, seed_int
 
 
 def add_parser(sub):
@@ -23,15 +23,18 @@ def add_parser(sub):
     p.add_argument("--stop", type=int_range(0, 2**40), action="append", default=[], help="stop token id (repeatable)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to each --prompt")
     p.add_argument("--system", help="system message for --chat (default: the template's own)")
+    add_dtype_arg(p)
     return p
 
 
 def run(args) -> int:
     import kvlab
     from kvlab.errors import KvlabError
+    from kvlab.runtime_dtype import resolve_dtype
     from kvlab.tokenizer import StreamDecoder, load_tokenizer
 
-    model = kvlab.load(args.checkpoint).eval()
+    batch = len(args.ids or args.prompt or [None])  # decode runs this many rows at a time
+    model = kvlab.load(args.checkpoint, dtype=resolve_dtype(args.dtype, args.checkpoint, batch)).eval()
     tokenizer = load_tokenizer(args.checkpoint, model.config.vocab_size)
     if args.ids:
         try:
