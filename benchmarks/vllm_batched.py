@@ -284,7 +284,7 @@ def main() -> None:
     config = {"model": DEFAULT, "batches": batches, "prompt": args.prompt, "new_tokens": args.new, "dtypes": dtypes,
               "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "kv_gib": kv,
               "quick": args.quick, "vllm": settings.get("vllm"), "vllm_python": str(python), "vllm_settings": settings,
-              "command": "python benchmarks/vllm_batched.py " + " ".join(sys.argv[1:])}
+              "command": " ".join(["python benchmarks/vllm_batched.py", *sys.argv[1:]])}
     name = "vllm_batched_quick" if args.quick else "vllm_batched"
     paths = write_results(name, {"config": config, "rows": rows}, markdown(rows, config))
     print(markdown(rows, config))
