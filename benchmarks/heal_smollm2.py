@@ -72,6 +72,7 @@ def main() -> None:
     p.add_argument("--calib-len", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default="/tmp/kvlab-heal-runs")
+    p.add_argument("--tag", default="", help="suffix of the result files (a variant healed another way)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -85,11 +86,12 @@ def main() -> None:
     cfg = HealConfig(tokens=args.tokens, stage=args.stage, train=args.train, batch=args.batch, seq=args.seq,
                      local_share=args.local_share, local_lr=args.local_lr, kl_lr=args.kl_lr,
                      eval_points=args.eval_points)
-    out = work / f"heal-{args.variant}"
+    name = f"heal_smollm2_{args.variant}" + (f"_{args.tag}" if args.tag else "")
+    out = work / name
     started = time.perf_counter()
     summary = heal(student_dir, args.teacher, out, cfg, force=True)
     total = time.perf_counter() - started
-    shutil.copyfile(out / "curve.png", RESULTS / f"heal_smollm2_{args.variant}.png")
+    shutil.copyfile(out / "curve.png", RESULTS / f"{name}.png")
     teacher_ppl = summary["teacher_ppl"]
     rows = ["| stage | tokens | KL (nats/token) | perplexity | vs teacher |", "|---|---|---|---|---|"]
     rows += [f"| {q['stage']} | {q['tokens']} | {q['kl']:.4f} | {q['ppl']:.2f} | {q['ppl'] / teacher_ppl - 1:+.1%} |"
@@ -106,8 +108,8 @@ def main() -> None:
           + "Wall seconds per stage (training / fidelity evaluation): "
           + ", ".join(f"{s} {v['train']:.0f} / {v['eval']:.0f}" for s, v in secs.items())
           + f"; healing (training only) {train_s:.0f} s; whole heal {total:.0f} s.\n\n"
-          + f"![curve](heal_smollm2_{args.variant}.png)\n")
-    write_results(f"heal_smollm2_{args.variant}", {"variant": args.variant, "spec": VARIANTS[args.variant],
+          + f"![curve]({name}.png)\n")
+    write_results(name, {"variant": args.variant, "spec": VARIANTS[args.variant],
                                                    "config": cfg.__dict__, "summary": summary,
                                                    "heal_seconds": total, "train_seconds": train_s}, md)
     print(md)
