@@ -19,12 +19,18 @@ from kvlab.model import TORCH_DTYPES, Model
 from kvlab.named_models import resolve
 
 
-def load(source: str | Path, dtype: str | None = None) -> Model:
-    """A model from a kvlab or Hugging Face checkpoint folder, a GGUF file or a named model
-    (``kvlab models`` lists them). ``dtype`` (float32, bfloat16, float16) overrides the stored one."""
+def checkpoint_path(source: str | Path) -> Path:
+    """The file or folder ``source`` names (a named model resolved); refused in one line if absent."""
     path = Path(resolve(source))
     if not path.exists():
         raise KvlabError(f"{path}: no such checkpoint folder or file")
+    return path
+
+
+def load(source: str | Path, dtype: str | None = None) -> Model:
+    """A model from a kvlab or Hugging Face checkpoint folder, a GGUF file or a named model
+    (``kvlab models`` lists them). ``dtype`` (float32, bfloat16, float16) overrides the stored one."""
+    path = checkpoint_path(source)
     if is_gguf(path):
         config, state = read_gguf_checkpoint(path, dtype)
         return build_model(config, state, str(path))
@@ -38,9 +44,7 @@ def load(source: str | Path, dtype: str | None = None) -> Model:
 
 def read_model_config(source: str | Path) -> ModelConfig:
     """The config ``load(source)`` builds, without reading the weights (e.g. to pick a dtype first)."""
-    path = Path(resolve(source))
-    if not path.exists():
-        raise KvlabError(f"{path}: no such checkpoint folder or file")
+    path = checkpoint_path(source)
     if is_gguf(path):
         return read_gguf_config(path)
     data = read_config_file(path)
