@@ -1,0 +1,138 @@
+"""Where a batch-1 decode step's time goes on the real model (SmolLM2-135M, fp32): the profile behind
+``decode_bandwidth.py``'s fraction.
+
+A step must read every weight once (the matmuls) and the whole cache held (SDPA). ``torch.profiler``
+splits each step's op time into the weight matmuls, the attention kernel and every other op (norms,
+RoPE, SiLU, residual adds, cache writes, views); each of the first two is turned into the bandwidth
+it reads at (bytes it must read / its time), against ``torch.sum`` over 1 GiB measured in the same run.
+The un-profiled step time is measured too: what the profiler does not see (Python between ops) is
+the step time minus the profiled op time.
+
+    python benchmarks/decode_profile.py            # contexts 512, 8192
+    python benchmarks/decode_profile.py --quick    # 128; few steps (validation)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_results  # noqa: E402
+from _smollm2 import load_model  # noqa: E402
+from decode_bandwidth import cpu_flags, read_seconds  # noqa: E402
+
+MATMUL = ("aten::mm", "aten::addmm")
+ATTENTION = ("scaled_dot_product", "flash_attention")
+
+
+def category(name: str) -> str:
+    if name in MATMUL:
+        return "matmul"
+    if any(key in name for key in ATTENTION):
+        return "attention"
+    return "other"
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a step's matmuls read: every unique parameter matrix (a lookup reads one embedding row,
+    but a tied LM head reads the whole table)."""
+    params = {id(p): p for p in model.parameters() if p.dim() == 2}
+    total = sum(p.nbytes for p in params.values())
+    if model.lm_head.weight is not model.embed_tokens.weight:
+        total -= model.embed_tokens.weight.nbytes
+    return total
+
+
+def profile_context(model, ctx: int, steps: int, rounds: int) -> dict:
+    """Step time, per-category op time and call counts per step at one context."""
+    with torch.inference_mode():
+        prompt = torch.randint(1, model.config.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(ctx))
+        cache = model.new_cache(1, max_length=ctx + (rounds + 2) * steps * 2 + 8)
+        token = model(prompt, cache=cache, last_only=True)[:, -1].argmax(-1)
+        for _ in range(3):  # warm-up
+            token = model(token[:, None], cache=cache)[:, -1].argmax(-1)
+        step_times = []
+        for _ in range(rounds):
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                token = model(token[:, None], cache=cache)[:, -1].argmax(-1)
+                step_times.append(time.perf_counter() - t0)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                token = model(token[:, None], cache=cache)[:, -1].argmax(-1)
+        held = cache.nbytes
+    seconds, calls, other = defaultdict(float), defaultdict(int), []
+    for event in prof.key_averages():
+        kind = category(event.key)
+        seconds[kind] += event.self_cpu_time_total / 1e6 / steps
+        calls[kind] += event.count / steps
+        if kind == "other":
+            other.append((event.self_cpu_time_total / 1e3 / steps, event.key, event.count / steps))
+    top = [{"op": name, "ms": ms, "calls": n} for ms, name, n in sorted(other, reverse=True)[:10]]
+    return {"step_s": statistics.median(step_times), "op_s": dict(seconds), "calls": dict(calls), "cache_bytes": held,
+            "top_other_ops": top}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--contexts", type=int, nargs="*", default=[512, 8192])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--name", default="decode_profile")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.contexts, args.steps, args.rounds, args.name = [128], 3, 1, args.name + "_quick"
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model).eval()
+    weights = weight_bytes(model)
+    buffer = torch.ones(2**28)  # 1 GiB fp32
+    rows = []
+    for ctx in args.contexts:
+        bandwidth = buffer.nbytes / statistics.median(read_seconds(buffer)[0] for _ in range(5))
+        got = profile_context(model, ctx, args.steps, args.rounds)
+        mm, attn, other = (got["op_s"].get(k, 0.0) for k in ("matmul", "attention", "other"))
+        step = got["step_s"]
+        row = {"context": ctx, "read_bandwidth_GBps": bandwidth / 1e9, "step_ms": step * 1e3,
+               "weights_bytes": weights, "cache_bytes": got["cache_bytes"],
+               "fraction_of_bandwidth": (weights + got["cache_bytes"]) / step / bandwidth,
+               "matmul_ms": mm * 1e3, "matmul_fraction_of_bandwidth": weights / mm / bandwidth,
+               "attention_ms": attn * 1e3,
+               "attention_fraction_of_bandwidth": got["cache_bytes"] / attn / bandwidth if attn else None,
+               "other_ops_ms": other * 1e3, "calls_per_step": got["calls"], "top_other_ops": got["top_other_ops"],
+               "ideal_step_ms": (weights + got["cache_bytes"]) / bandwidth * 1e3}
+        rows.append(row)
+        print(row, flush=True)
+    machine_flags = cpu_flags()
+    lines = [f"# Where a batch-1 decode step goes ({args.model}, fp32, {args.threads} threads)", "",
+             f"flags: {' '.join(machine_flags)}", "",
+             "| context | step ms | ideal ms | fraction | matmul ms (of bandwidth) | attention ms (of bandwidth) "
+             "| other ops ms (calls) |", "|---" * 7 + "|"]
+    for r in rows:
+        attn = r["attention_fraction_of_bandwidth"]
+        lines.append(f"| {r['context']} | {r['step_ms']:.1f} | {r['ideal_step_ms']:.1f} | {r['fraction_of_bandwidth']:.2f} "
+                     f"| {r['matmul_ms']:.1f} ({r['matmul_fraction_of_bandwidth']:.2f}) "
+                     f"| {r['attention_ms']:.1f} ({attn:.2f}) | {r['other_ops_ms']:.1f} ({r['calls_per_step']['other']:.0f}) |")
+    top = ", ".join(f"{o['op']} {o['ms']:.2f} ms x {o['calls']:.0f}" for o in rows[-1]["top_other_ops"][:6])
+    lines += ["", f"Largest other ops per step at {rows[-1]['context']}: {top}."]
+    lines += ["", "ideal: (weights + cache held) / read bandwidth (torch.sum over 1 GiB, same run). Op times are "
+              f"the profiler's self CPU time per step over {args.steps} profiled steps (the profiler adds a little "
+              "to each op); step ms is the median un-profiled step. Command: `python benchmarks/decode_profile.py "
+              + " ".join(argv if argv is not None else sys.argv[1:]) + "`"]
+    print("\n".join(lines))
+    write_results(args.name, {"model": args.model, "threads": args.threads, "cpu_flags": machine_flags, "rows": rows},
+                  "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
