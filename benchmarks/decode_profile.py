@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -81,6 +82,47 @@ def profile_context(model, ctx: int, steps: int, rounds: int) -> dict:
             "top_other_ops": top}
 
 
+def attention_kernels(kv_heads: int, group: int, head_dim: int, ctx: int, layers: int, repeats: int = 10) -> dict:
+    """GB/s at which ways of computing one decode query's attention read ``layers`` caches of ``ctx`` keys
+    (distinct tensors, so the last-level cache does not serve them), against ``torch.sum`` over the same
+    tensors. ``folded``: the path kvlab takes (the G query heads of a group as G query rows);
+    ``enable_gqa``: SDPA's own grouping; ``split``: the keys split in two so both threads get equal work
+    (partial results merged by their log-sum-exp); ``matmul``: scores, softmax and weighted sum as ops."""
+    ks = [torch.randn(1, kv_heads, ctx, head_dim) for _ in range(layers)]
+    vs = [torch.randn(1, kv_heads, ctx, head_dim) for _ in range(layers)]
+    q = torch.randn(1, kv_heads, group, head_dim)  # [B, Hkv, G, D]: folded
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    half = ctx // 2
+
+    def split(k, v):
+        out, lse = flash(q[0].unsqueeze(1).expand(-1, 2, -1, -1), k[0, :, : 2 * half].unflatten(1, (2, half)),
+                         v[0, :, : 2 * half].unflatten(1, (2, half)))  # [Hkv, 2, G, D], [Hkv, 2, G]
+        return (out * lse.softmax(1).unsqueeze(-1)).sum(1)
+
+    ways = {
+        "sum": lambda k, v: (k.sum(), v.sum()),
+        "folded": lambda k, v: F.scaled_dot_product_attention(q, k, v),
+        "enable_gqa": lambda k, v: F.scaled_dot_product_attention(
+            q.reshape(1, kv_heads * group, 1, head_dim), k, v, enable_gqa=True),
+        "split": split,
+        "matmul": lambda k, v: (q @ k.transpose(-1, -2) * head_dim ** -0.5).softmax(-1) @ v,
+    }
+    check = F.scaled_dot_product_attention(q, ks[0], vs[0])
+    assert torch.allclose(split(ks[0], vs[0]), check[0], atol=1e-5)
+    nbytes = sum(k.nbytes + v.nbytes for k, v in zip(ks, vs))
+    got = {}
+    with torch.inference_mode():
+        for name, way in ways.items():
+            for k, v in zip(ks, vs):  # warm-up
+                way(k, v)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                for k, v in zip(ks, vs):
+                    way(k, v)
+            got[name] = nbytes * repeats / (time.perf_counter() - t0) / 1e9
+    return got
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -111,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
                "attention_fraction_of_bandwidth": got["cache_bytes"] / attn / bandwidth if attn else None,
                "other_ops_ms": other * 1e3, "calls_per_step": got["calls"], "top_other_ops": got["top_other_ops"],
                "ideal_step_ms": (weights + got["cache_bytes"]) / bandwidth * 1e3}
+        attn = model.layers[0].self_attn
+        row["attention_kernels_GBps"] = attention_kernels(attn.n_kv_heads, attn.n_heads // attn.n_kv_heads,
+                                                          attn.head_dim, ctx, len(model.layers))
         rows.append(row)
         print(row, flush=True)
     machine_flags = cpu_flags()
@@ -119,12 +164,15 @@ def main(argv: list[str] | None = None) -> None:
              "| context | step ms | ideal ms | fraction | matmul ms (of bandwidth) | attention ms (of bandwidth) "
              "| other ops ms (calls) |", "|---" * 7 + "|"]
     for r in rows:
-        attn = r["attention_fraction_of_bandwidth"]
+        attn_frac = r["attention_fraction_of_bandwidth"]
         lines.append(f"| {r['context']} | {r['step_ms']:.1f} | {r['ideal_step_ms']:.1f} | {r['fraction_of_bandwidth']:.2f} "
                      f"| {r['matmul_ms']:.1f} ({r['matmul_fraction_of_bandwidth']:.2f}) "
-                     f"| {r['attention_ms']:.1f} ({attn:.2f}) | {r['other_ops_ms']:.1f} ({r['calls_per_step']['other']:.0f}) |")
+                     f"| {r['attention_ms']:.1f} ({attn_frac:.2f}) | {r['other_ops_ms']:.1f} ({r['calls_per_step']['other']:.0f}) |")
     top = ", ".join(f"{o['op']} {o['ms']:.2f} ms x {o['calls']:.0f}" for o in rows[-1]["top_other_ops"][:6])
     lines += ["", f"Largest other ops per step at {rows[-1]['context']}: {top}."]
+    kernels = rows[-1]["attention_kernels_GBps"]
+    lines += ["", f"Decode attention alone at {rows[-1]['context']} keys (GB/s read, distinct caches per layer): "
+              + ", ".join(f"{name} {gbps:.1f}" for name, gbps in kernels.items()) + "."]
     lines += ["", "ideal: (weights + cache held) / read bandwidth (torch.sum over 1 GiB, same run). Op times are "
               f"the profiler's self CPU time per step over {args.steps} profiled steps (the profiler adds a little "
               "to each op); step ms is the median un-profiled step. Command: `python benchmarks/decode_profile.py "
