@@ -176,7 +176,13 @@ def test_hot_path_weights_are_column_major_and_checkpoints_are_not(model, tmp_pa
 
     block = model.layers[0]
     for linear in (block.self_attn.q_proj, block.self_attn.k_proj, block.mlp.down_proj, model.lm_head):
-        assert linear.weight.stride() == (1, linear.weight.shape[0])
+        assert linear.weight.stride(0) == 1
+    # q/k/v and gate/up are row blocks of one [in, sum out]-contiguous tensor each (one GEMV at decode)
+    attn, mlp = block.self_attn, block.mlp
+    for linears in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+        width = sum(linear.out_features for linear in linears)
+        assert all(linear.weight.stride() == (1, width) for linear in linears)
+        assert len({linear.weight.untyped_storage().data_ptr() for linear in linears}) == 1
     model.save(tmp_path / "ckpt")
     saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
     assert saved["layers.0.self_attn.q_proj.weight"].is_contiguous()

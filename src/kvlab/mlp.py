@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvlab.linear_layout import group_forward
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -16,7 +18,7 @@ ACTIVATIONS = {
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)); names match Hugging Face's (gate_proj, up_proj, down_proj)."""
 
-    COLUMN_MAJOR = ("gate_proj", "up_proj", "down_proj")  # weight layout for fast decode (model.py)
+    DECODE_GROUPS = (("gate_proj", "up_proj"), ("down_proj",))  # decode weight layout (linear_layout.py)
 
     def __init__(self, d_model: int, hidden: int, act: str = "silu", bias: bool = False):
         super().__init__()
@@ -26,4 +28,5 @@ class GatedMLP(nn.Module):
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = group_forward(self, ("gate_proj", "up_proj"), x)
+        return self.down_proj(self.act(gate) * up)

@@ -14,6 +14,7 @@ from kvlab.cache import Cache
 from kvlab.config import ModelConfig
 from kvlab.errors import InputError, InputTypeError, KvlabError, UnsupportedError
 from kvlab.hyper_connections import HyperConnection, HyperHead, widen
+from kvlab.linear_layout import column_major_, fuse_
 from kvlab.mlp import GatedMLP
 from kvlab.norms import RMSNorm
 from kvlab.per_layer_embeddings import PerLayerEmbeddings, PerLayerInput
@@ -76,16 +77,6 @@ class Block(nn.Module):
     def residual(h: torch.Tensor, branch, hc: nn.Module | None = None) -> torch.Tensor:
         """``h + branch(h)``; with hyper-connections ``h`` is ``[B, S, n, d]`` and ``hc`` mixes the streams."""
         return h + branch(h) if hc is None else hc(h, branch)
-
-
-def column_major_(linear: nn.Linear) -> None:
-    """Re-store ``linear.weight [out, in]`` with the ``in`` axis outermost (a transposed view of a contiguous
-    ``[in, out]`` tensor), in place: names, shape and values are unchanged, but a one-token forward
-    (``x @ W.T``) then streams the weight row by row. On CPU (MKL) that GEMV runs 1.3-1.9x faster than on the
-    row-major layout, and decode is mostly weight reading; prefill GEMMs are indifferent."""
-    weight = linear.weight
-    if weight.dim() == 2 and weight.device.type != "meta" and weight.stride(0) != 1:
-        weight.data = weight.data.t().contiguous().t()
 
 
 def pad_offsets(attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -177,15 +168,21 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def decode_layout_(self) -> None:
-        """Store the weights of the one-token hot path column-major (see ``column_major_``): the linears a
-        module lists in ``COLUMN_MAJOR`` (full attention, MLP) and the LM head (tied: the embedding
-        itself, whose row lookup does not care). Re-run after loading."""
+        """Lay out the weights of the one-token hot path for decode (``kvlab.linear_layout``): each module's
+        ``DECODE_GROUPS`` (full attention: q/k/v fused, o; MLP: gate/up fused, down) and the LM head (tied:
+        the embedding itself, whose row lookup does not care) column-major. Re-run after loading and after
+        ``.to()``, which replace the parameters."""
         self._tie_embeddings()
         column_major_(self.lm_head)
         for module in self.modules():
-            for name in getattr(module, "COLUMN_MAJOR", ()):
-                if isinstance(getattr(module, name, None), nn.Linear):
-                    column_major_(getattr(module, name))
+            for names in getattr(module, "DECODE_GROUPS", ()):
+                fuse_(module, names)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if hasattr(self, "layers"):  # not while __init__ builds the model
+            self.decode_layout_()
+        return self
 
     @property
     def dtype(self) -> torch.dtype:

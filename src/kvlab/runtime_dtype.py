@@ -73,7 +73,7 @@ def _report(device: str, d_model: int, d_ff: int, batch: int, threads: int) -> d
 def _measure(rows: int, d_in: int, d_out: int, repeats: int) -> dict[str, float]:
     """Median seconds of one ``x [rows, d_in] @ W.T`` (``W [d_out, d_in]`` column-major, as the model
     stores its hot-path linears) in each of ``DTYPES``, the dtypes alternating call by call."""
-    from kvlab.model import column_major_
+    from kvlab.linear_layout import column_major_
 
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(d_out, d_in, generator=gen) / d_in**0.5

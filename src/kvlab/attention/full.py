@@ -19,6 +19,7 @@ from kvlab.cache.base import CacheLayer, GrowingBuffer
 from kvlab.cache.quantized import QuantizedKVCacheLayer, quantized_kv_bytes
 from kvlab.config import LayerSpec
 from kvlab.config_options import BASE_OPTIONS
+from kvlab.linear_layout import group_forward
 from kvlab.norms import RMSNorm
 from kvlab.registry import register_module, register_spec
 from kvlab.rope import Rotary
@@ -97,7 +98,8 @@ class FullAttention(nn.Module):
     """q/k/v projections (optional bias, optional per-head q/k RMSNorm), RoPE, grouped SDPA, o_proj.
     A layer with ``kv_from`` has no k/v projections: it reads the producer's keys and values."""
 
-    COLUMN_MAJOR = ("q_proj", "k_proj", "v_proj", "o_proj")  # weight layout for fast decode (model.py)
+    QKV = ("q_proj", "k_proj", "v_proj")
+    DECODE_GROUPS = (QKV, ("o_proj",))  # decode weight layout: q/k/v as one GEMV (linear_layout.py)
 
     def __init__(self, spec: FullSpec, cfg, layer_idx: int):
         super().__init__()
@@ -153,15 +155,18 @@ class FullAttention(nn.Module):
     def project(self, x: torch.Tensor, ctx: ForwardContext):
         """Rotated ``q [B, H, S, D]`` and, for a producer, rotated ``k`` and ``v [B, Hkv, S, D]``."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        heads = lambda t: t.view(batch, seq, -1, self.head_dim).transpose(1, 2)  # noqa: E731  [B, S, h*D] -> [B, h, S, D]
+        if self.owns_kv and not self.spec.k_eq_v:  # one GEMV for the three at decode (linear_layout.py)
+            q, k, v = map(heads, group_forward(self, self.QKV, x))
+        else:
+            q = heads(self.q_proj(x))
+            k = v = heads(self.k_proj(x)) if self.owns_kv else None  # k_eq_v: values are the raw keys
         if self.spec.qk_norm:
             q = self.q_norm(q)
         cos, sin = ctx.cos_sin(self.rotary, q.dtype)
         q = self.rotary.apply(q, cos, sin)
         if not self.owns_kv:
             return q, None, None
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = k if self.spec.k_eq_v else self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.spec.v_norm:
             v = self.v_norm(v)
         if self.spec.qk_norm:

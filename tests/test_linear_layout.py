@@ -1,0 +1,112 @@
+"""Fused decode groups (kvlab.linear_layout): one GEMV for q/k/v and gate/up gives the members' own outputs,
+never goes stale (training updates, ``.to()``, replaced parameters, hooks) and changes nothing a state dict
+or a checkpoint sees."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import build, tiny_config
+from torch import nn
+
+import kvlab
+from kvlab.linear_layout import _GROUPS, fuse_, group_forward
+
+NAMES = ("a", "b", "c")
+
+
+def members(bias: bool) -> nn.Module:
+    torch.manual_seed(0)
+    module = nn.Module()
+    for name, out in zip(NAMES, (8, 4, 4)):
+        setattr(module, name, nn.Linear(6, out, bias=bias))
+    return module
+
+
+def separate(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    return [getattr(module, name)(x) for name in NAMES]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_group_equals_members_and_keeps_names(bias):
+    module = members(bias)
+    x = torch.randn(2, 3, 6)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    expected = separate(module, x)
+    fuse_(module, NAMES)
+    assert NAMES in module.__dict__[_GROUPS]
+    state = module.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
+    with torch.inference_mode():
+        fused = group_forward(module, NAMES, x)
+    for got, want in zip(fused, expected):
+        torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_training_updates_reach_the_fused_weight_and_gradients_reach_members():
+    module = members(bias=True)
+    fuse_(module, NAMES)
+    x = torch.randn(4, 6)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+    sum(out.square().sum() for out in group_forward(module, NAMES, x)).backward()  # grad mode: members
+    assert all(getattr(module, name).weight.grad is not None for name in NAMES)
+    optimizer.step()  # in place: the fused tensor holds the new values
+    with torch.no_grad():
+        for got, want in zip(group_forward(module, NAMES, x), separate(module, x)):
+            torch.testing.assert_close(got, want)
+
+
+def test_replaced_parameters_and_hooks_fall_back_to_the_members():
+    module = members(bias=False)
+    fuse_(module, NAMES)
+    x = torch.randn(3, 6)
+    module.b.weight.data = torch.randn(4, 6)  # no longer a view of the fused tensor
+    with torch.no_grad():
+        for got, want in zip(group_forward(module, NAMES, x), separate(module, x)):
+            torch.testing.assert_close(got, want)
+    fuse_(module, NAMES)  # re-done: fused again, with the new values
+    seen = []
+    module.c.register_forward_hook(lambda *_: seen.append(1))
+    with torch.no_grad():
+        group_forward(module, NAMES, x)
+    assert seen == [1]
+
+
+def test_unfusable_groups_are_left_column_major():
+    module = members(bias=False)
+    module.c = nn.Linear(6, 4, bias=True)  # mixed bias-ness: no fusion
+    fuse_(module, NAMES)
+    assert NAMES not in module.__dict__[_GROUPS]
+    assert all(getattr(module, name).weight.stride(0) == 1 for name in NAMES)
+    with torch.no_grad():
+        x = torch.randn(2, 6)
+        for got, want in zip(group_forward(module, NAMES, x), separate(module, x)):
+            torch.testing.assert_close(got, want)
+
+
+LAYERS = [{"type": "full", "n_heads": 4, "n_kv_heads": 2, "qkv_bias": True},
+          {"type": "full", "n_heads": 4, "n_kv_heads": 1, "qk_norm": True},
+          {"type": "full", "n_heads": 4, "n_kv_heads": 2, "k_eq_v": True},
+          {"type": "full", "n_heads": 4, "n_kv_heads": 2, "kv_from": 0}]
+
+
+@torch.no_grad()
+def test_model_decode_equals_training_path_after_to_and_reload(tmp_path):
+    """The fused inference path gives the logits of the members' path (autograd on); ``.to(float64)`` and
+    a save/load round trip re-fuse (greedy tokens unchanged)."""
+    model = build(tiny_config(LAYERS)).eval()
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    fused = model(ids)
+    with torch.enable_grad():
+        members_path = model(ids).detach()
+    torch.testing.assert_close(fused, members_path, atol=1e-5, rtol=1e-5)
+    greedy = model.generate(ids, max_new_tokens=12).tokens
+    model.save(tmp_path / "m")
+    loaded = kvlab.load(tmp_path / "m").eval()
+    assert loaded.layers[0].self_attn.__dict__[_GROUPS]
+    assert loaded.generate(ids, max_new_tokens=12).tokens == greedy
+    wide = model.to(torch.float64)
+    attn = wide.layers[0].self_attn
+    group = attn.__dict__[_GROUPS][attn.QKV]
+    assert group.weight.dtype == torch.float64 and attn.q_proj.weight.data_ptr() == group.weight.data_ptr()
+    torch.testing.assert_close(wide(ids).float(), fused, atol=1e-4, rtol=1e-4)
