@@ -144,7 +144,7 @@ class Indexer(Compressor):
         """Top-k entry indices ``[B, S, k]`` in position order, and their validity. Deterministic under
         ties: entries scoring above the k-th score are taken, then the earliest entries equal to it."""
         k = min(self.topk, scores.shape[-1])
-        kth = scores.topk(k, dim=-1).values[..., -1:]  # [B, S, 1]
+        kth = scores.kthvalue(scores.shape[-1] - k + 1, dim=-1, keepdim=True).values  # [B, S, 1]: quickselect
         above = scores > kth
         tie = scores == kth
         chosen = above | (tie & (tie.cumsum(-1) <= k - above.sum(-1, keepdim=True)))  # exactly k per query
