@@ -11,6 +11,7 @@ from helpers import build, decode_stepwise, model_dict
 from matrix import *  # noqa: F401,F403
 
 import kvlab
+from kvlab.attention._common import ForwardContext
 
 _model = partial(model_dict, d_model=32, mlp_hidden=48)
 
@@ -134,6 +135,76 @@ def test_gathered_and_dense_paths_agree():
         block.self_attn.gather_max_queries = 0
     dense, _ = decode_stepwise(model, ids, [30, 3])
     torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+
+
+# ---- blocked prefill == the dense reference (one block, dense masks) ----------------------------------
+BLOCKED = {"csa": {"type": "csa", **_V4, "compress_rate": 3, "index_n_heads": 2, "index_head_dim": 12,
+                   "index_topk": 4},
+           "hca": {"type": "hca", **_V4, "compress_rate": 3},
+           "v4_sliding": SWA}
+
+
+def _v4_layer(kind: str, block: int, gather_max: int | None = None):
+    config = kvlab.ModelConfig.from_dict(_model([BLOCKED[kind]]))
+    torch.manual_seed(0)
+    module = kvlab.registry.get_technique(kind).module_cls(config.layer(0), config, 0)
+    with torch.no_grad():  # larger-than-init weights: sharper softmaxes, more distinct top-k scores
+        for p in module.parameters():
+            p.mul_(3.0 if p.dim() >= 2 else 1.0).add_(0.2 * torch.randn(p.shape) if p.dim() == 1 else 0)
+    module.prefill_block = block
+    if gather_max is not None:
+        module.gather_max_queries = gather_max
+    return module
+
+
+def _chunked(forward, module, x, pad, chunks):
+    """Outputs of ``forward`` fed ``x`` in ``chunks`` through one cache (None: no cache, one chunk) and the
+    cache's tensors."""
+    if chunks is None:
+        return forward(x, ForwardContext(x.shape[0], x.shape[1], 0, pad, x.device), None), {}
+    cache = module.new_cache_layer(x.shape[0], torch.float32, x.device, [])
+    outs, start = [], 0
+    for size in chunks:
+        outs.append(forward(x[:, start:start + size], ForwardContext(x.shape[0], size, start, pad, x.device), cache))
+        start += size
+    return torch.cat(outs, 1), {**cache.state, **{k: b.view() for k, b in cache.buffers.items()}}
+
+
+@pytest.mark.parametrize("kind,block,gather_max", [("csa", 5, None), ("csa", 7, 0), ("hca", 5, None),
+                                                   ("hca", 8, None), ("v4_sliding", 4, None)])
+@pytest.mark.parametrize("chunks", [None, [47], [20, 11, 1, 1, 13, 1], [1, 9, 37]])
+@pytest.mark.parametrize("padded", [False, True])
+@torch.no_grad()
+def test_blocked_prefill_matches_dense_reference(kind, block, gather_max, chunks, padded):
+    from kvlab.attention.compressed import dense_reference_forward
+
+    module = _v4_layer(kind, block, gather_max)
+    x = torch.randn(3, 47, 32, generator=torch.Generator().manual_seed(7))
+    pad = torch.tensor([0, 5, 13]) if padded else None  # not multiples of the rate (3) or the blocks
+    got, got_cache = _chunked(module, module, x, pad, chunks)
+    want, want_cache = _chunked(partial(dense_reference_forward, module), module, x, pad, chunks)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for name in want_cache:
+        torch.testing.assert_close(got_cache[name], want_cache[name], atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_blocked_prefill_gradients_match_dense_reference(kind):
+    from kvlab.attention.compressed import dense_reference_forward
+
+    module = _v4_layer(kind, 6)
+    x = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(8))
+    weight = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(9))
+    pad = torch.tensor([0, 7])
+    grads = []
+    for forward in (module, partial(dense_reference_forward, module)):
+        xi = x.clone().requires_grad_()
+        module.zero_grad()
+        (forward(xi, ForwardContext(2, 40, 0, pad, x.device), None) * weight).sum().backward()
+        grads.append({"x": xi.grad, **{n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[1]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-4, rtol=1e-4, msg=name)
 
 
 @torch.no_grad()

@@ -123,23 +123,28 @@ class Indexer(Compressor):
         self.q_b_proj = nn.Linear(spec.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.scorer = IndexerScorer(d_model, self.n_heads)
 
-    def scores(self, x: torch.Tensor, q_res: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor,
-               rotary: Rotary, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Index scores ``[B, S, E]`` (fp32) of keys ``[B, E, d_I]``; invisible entries are -inf."""
+    def queries(self, x: torch.Tensor, q_res: torch.Tensor, rotary: Rotary, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The indexer's queries ``[B, H_I, S, d_I]`` (rotated) and head weights ``[B, S, H_I]`` (fp32)."""
         batch, seq, _ = x.shape
         q = self.q_b_proj(q_res).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        q = rope_tail(rotary, q, cos, sin)  # [B, H_I, S, d_I]
+        weights = self.scorer.weights_proj(x).float() * self.n_heads ** -0.5
+        return rope_tail(rotary, q, cos, sin), weights
+
+    def scores(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
+               visible: torch.Tensor) -> torch.Tensor:
+        """Index scores ``[B, S, E]`` (fp32) of keys ``[B, E, d_I]`` for the ``queries`` ``q, weights``;
+        entries at or past ``visible [B, S]`` are -inf."""
         dots = F.relu(q.float() @ keys.float().transpose(-1, -2).unsqueeze(1)) * self.head_dim ** -0.5
-        weights = self.scorer.weights_proj(x).float() * self.n_heads ** -0.5  # [B, S, H_I]
         total = torch.einsum("bhse,bsh->bse", dots, weights)
-        entry = torch.arange(keys.shape[1], device=x.device)
+        entry = torch.arange(keys.shape[1], device=keys.device)
         return total.masked_fill(entry >= visible.unsqueeze(-1), float("-inf"))
 
     def select(self, scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k entry indices ``[B, S, k]`` in position order, and their validity. Deterministic under
         ties: entries scoring above the k-th score are taken, then the earliest entries equal to it."""
         k = min(self.topk, scores.shape[-1])
-        kth = scores.topk(k, dim=-1).values[..., -1:]  # [B, S, 1]
+        kth = scores.kthvalue(scores.shape[-1] - k + 1, dim=-1, keepdim=True).values  # [B, S, 1]: quickselect
         above = scores > kth
         tie = scores == kth
         chosen = above | (tie & (tie.cumsum(-1) <= k - above.sum(-1, keepdim=True)))  # exactly k per query

@@ -17,8 +17,14 @@ As in the reference, top-k selection passes no gradient to the indexer (DeepSeek
 separate objective); every other parameter trains through the dense or gathered path.
 
 Windows are aligned to each row's *real* positions (left padding is never compressed), so a padded row
-equals that row alone. Decoding gathers the selected entries (cost ~ window + top-k); long chunks use a
-dense masked path over all entries (same result).
+equals that row alone. A chunk is attended in query blocks (``prefill_block`` queries; one block for decode
+and short chunks): each block reads its window keys (at most ``window - 1 + block``) and the prefix of
+entries its queries can see under a small mask, so prefill costs O(S (W + block)) for the window. HCA's
+blocks attend to that prefix (O(S^2 / m) in all); CSA's indexer scores the prefix per block (O(S^2 / m)
+d_I-wide dot products, then top-k per query) and the block gathers each query's top-k entries
+(O(S k) attention; a block that sees at most top-k entries takes them all, as HCA).
+``dense_reference_forward`` is the naive path (one block, one dense mask over window keys and entries,
+O(S T)), kept as the reference the blocked path equals.
 
 Cache (per row): the window's last ``window - 1`` keys (one copy: K = V), the compressed entries (and
 the indexer's keys for CSA), the not-yet-compressed remainder as a fixed ``m``-slot ring of projected
@@ -30,6 +36,7 @@ Planner (no padding, T tokens, elem bytes b):
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -37,6 +44,7 @@ from torch import nn
 
 from kvlab.attention._common import ForwardContext
 from kvlab.attention._v4 import Compressor, Indexer, IndexerScorer, V4CacheLayer, rope_tail
+from kvlab.attention.sliding import band_block, window_mask
 from kvlab.cache.base import CacheLayer
 from kvlab.config import LayerSpec
 from kvlab.config_options import check_ints
@@ -45,8 +53,9 @@ from kvlab.norms import RMSNorm
 from kvlab.registry import register_module, register_spec
 from kvlab.rope import Rotary
 
-__all__ = ["CSASpec", "CSAttention", "Compressor", "HCASpec", "HCAttention", "Indexer", "IndexerScorer",
-           "V4CacheLayer", "V4SlidingAttention", "V4SlidingSpec", "rope_tail"]
+__all__ = ["CSASpec", "CSAttention", "Compressor", "EntrySource", "HCASpec", "HCAttention", "Indexer",
+           "IndexerScorer", "V4CacheLayer", "V4SlidingAttention", "V4SlidingSpec", "dense_reference_forward",
+           "rope_tail"]
 _V4 = {"n_heads": 4, "head_dim": 16, "q_lora_rank": 12, "o_groups": 2, "o_lora_rank": 8, "window": 5,
        "rope": {"theta": 10000.0, "partial": 0.5, "interleaved": True}}
 
@@ -205,18 +214,67 @@ class CSASpec(HCASpec):
 
 
 # ---- modules: V4 sliding -> HCA (+ compressor) -> CSA (+ indexer), as the specs ---------------------
+class _Windows:
+    """Where a chunk sits in each row's real positions (left padding is never compressed)."""
+
+    def __init__(self, ctx: ForwardContext, batch: int, seq: int, rate: int, device):
+        pad = ctx.pad_offset if ctx.pad_offset is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        self.before = (ctx.start - pad).clamp_min(0)  # [B] real tokens before the chunk
+        self.after = (ctx.start + seq - pad).clamp_min(0)  # [B] ... after it
+        self.offset = pad - ctx.start  # [B] chunk index of real position 0
+        self.uniform = ctx.pad_offset is None
+        real = ctx.query_steps[None, :] - pad[:, None]  # [B, S] real position (negative: padding)
+        self.visible = torch.div(real + 1, rate, rounding_mode="floor").clamp_min(0)  # [B, S] entries seen
+
+
+@dataclass
+class EntrySource:
+    """A forward's compressed entries, computed once and read per query block. Every query sees a prefix
+    of its row's entries, ``visible [B, S]`` long (non-decreasing along S)."""
+
+    entries: torch.Tensor  # [B, E, d]
+    windows: _Windows  # where the chunk sits in each row
+    index_keys: torch.Tensor | None = None  # CSA: the indexer's keys [B, E, d_I]
+    index_q: torch.Tensor | None = None  # ... its queries [B, H_I, S, d_I]
+    index_w: torch.Tensor | None = None  # ... and head weights [B, S, H_I]
+
+    @property
+    def visible(self) -> torch.Tensor:  # [B, S]
+        return self.windows.visible
+
+    def seen(self, rows: slice) -> int:
+        """Entries the queries ``rows`` see at most (the block's last query sees the longest prefix)."""
+        return int(self.visible[:, rows.stop - 1].max()) if self.entries.shape[1] else 0
+
+    @cached_property
+    def _flat(self) -> torch.Tensor:  # [B * E, d], copied once per forward at most
+        return self.entries.reshape(-1, self.entries.shape[-1])
+
+    def pick(self, idx: torch.Tensor) -> torch.Tensor:
+        """Each query's entries at ``idx [B, n_q, k]`` (indices into its row) as ``[B, n_q, k, d]``
+        (``index_select``: several times faster on CPU than advanced indexing or ``gather``)."""
+        batch, n_entries = self.entries.shape[:2]
+        rows = idx + torch.arange(batch, device=idx.device)[:, None, None] * n_entries
+        return self._flat.index_select(0, rows.flatten()).view(*idx.shape, -1)
+
+
 @register_module("v4_sliding")
 class V4SlidingAttention(nn.Module):
     """V4 attention block over the window; parameter names follow transformers' ``DeepseekV4Attention``.
-    Subclasses add attention to compressed entries through ``entry_terms``."""
+    Subclasses add attention to compressed entries through ``entry_source`` and ``entry_terms``.
 
-    gather_max_queries = 16  # CSA: chunks up to this many queries gather their top-k entries; longer: dense
+    A chunk longer than ``prefill_block`` queries is attended block by block: each query block reads only
+    its window keys and the entries it can see, so prefill costs O(S (W + block + entries per query)), not
+    O(S T). ``dense_reference_forward`` is the one-block path (dense masks over every key and entry)."""
+
+    gather_max_queries = 256  # CSA: query blocks up to this many queries gather their top-k entries; 0: dense
 
     def __init__(self, spec: V4SlidingSpec, cfg, layer_idx: int):
         super().__init__()
         self.spec, self.layer_idx = spec, layer_idx
         d_model, heads, dim = cfg.d_model, spec.n_heads, spec.head_dim
         self.n_heads, self.head_dim, self.window = heads, dim, spec.window
+        self.prefill_block = band_block(spec.window)  # queries per block of a long chunk
         self.q_a_proj = nn.Linear(d_model, spec.q_lora_rank, bias=False)
         self.q_a_norm = RMSNorm(spec.q_lora_rank, cfg.norm_eps)
         self.q_b_proj = nn.Linear(spec.q_lora_rank, heads * dim, bias=False)
@@ -237,12 +295,23 @@ class V4SlidingAttention(nn.Module):
     def new_cache_layer(self, batch: int, dtype: torch.dtype, device, built: list[CacheLayer]) -> CacheLayer:
         return V4CacheLayer(batch, self.head_dim, self.window, dtype, device, self.compressors())
 
-    def entry_terms(self, x, q, q_res, cos, sin, ctx: ForwardContext, cache: V4CacheLayer | None):
-        """Logits ``[B, H, S, E]`` and values of the compressed entries the queries attend to, as lists
-        (shared values ``[B, E, d]``) plus gathered per-query values ``[B, S, k, d]`` or None."""
+    def entry_source(self, x, q_res, cos, sin, ctx: ForwardContext, cache: V4CacheLayer | None) -> EntrySource | None:
+        """Compress this chunk (appending to ``cache``); None: no entries to attend to."""
+        return None
+
+    def entry_terms(self, src: EntrySource | None, q: torch.Tensor, rows: slice, ctx: ForwardContext,
+                    gather_max: int):
+        """For the queries ``rows`` (``q [B, H, n, d]``): logits ``[B, H, n, E_i]`` and values of the entries
+        they attend to, as lists (shared values ``[B, E_i, d]``), plus gathered per-query values
+        ``[B, n, k, d]`` or None."""
         return [], [], None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cache: V4CacheLayer | None) -> torch.Tensor:
+        return self._forward(x, ctx, cache, self.prefill_block, self.gather_max_queries)
+
+    def _forward(self, x: torch.Tensor, ctx: ForwardContext, cache: V4CacheLayer | None, block: int | None,
+                 gather_max: int) -> torch.Tensor:
+        """The forward with queries in blocks of ``block`` (None: one block, dense masks over all keys)."""
         batch, seq, _ = x.shape
         heads, dim = self.n_heads, self.head_dim
         q_res = self.q_a_norm(self.q_a_proj(x))
@@ -250,13 +319,37 @@ class V4SlidingAttention(nn.Module):
         cos, sin = ctx.cos_sin(self.rotary, q.dtype)  # [B, 1, S, rot]
         q = rope_tail(self.rotary, q, cos, sin)
         kv = rope_tail(self.rotary, self.kv_norm(self.kv_proj(x)), cos[:, 0], sin[:, 0])  # [B, S, d]
-        keys = cache.window_append(kv) if cache is not None else kv  # [B, T_w, d]
-        key_steps = torch.arange(ctx.start + seq - keys.shape[1], ctx.start + seq, device=x.device)
-        win_mask = ctx.mask(key_steps, window=self.window, memo_key=("v4win", self.window, keys.shape[1]))
-        ctx.record(self.layer_idx, "window_keys", keys.shape[1])
-        entry_logits, entry_values, gathered = self.entry_terms(x, q, q_res, cos, sin, ctx, cache)
+        keys = cache.window_append(kv) if cache is not None else kv  # [B, T_w, d]: held keys, then the chunk's
+        held = keys.shape[1] - seq
+        key_steps = torch.arange(ctx.start - held, ctx.start + seq, device=x.device)  # [T_w]
+        src = self.entry_source(x, q_res, cos, sin, ctx, cache)
+        if block is None or seq <= block:  # one block: every key under one (memoized) mask [B|1, 1, S, T_w]
+            win_mask = ctx.mask(key_steps, window=self.window, memo_key=("v4win", self.window, keys.shape[1]))
+            ctx.record(self.layer_idx, "window_keys", keys.shape[1])
+            out = self._attend(q, keys, win_mask, *self.entry_terms(src, q, slice(0, seq), ctx, gather_max))
+        else:
+            outs = []
+            for a in range(0, seq, block):
+                rows = slice(a, min(a + block, seq))
+                lo, hi = max(0, held + a - self.window + 1), held + rows.stop  # keys the block's windows reach
+                win_mask = window_mask(ctx, key_steps[lo:hi], self.window, 0, ctx.start, rows)  # [B|1, 1, n, hi-lo]
+                q_blk = q[:, :, rows]
+                terms = self.entry_terms(src, q_blk, rows, ctx, gather_max)
+                outs.append(self._attend(q_blk, keys[:, lo:hi], win_mask, *terms))
+            out = torch.cat(outs, dim=2)  # [B, H, S, d]
+        out = rope_tail(self.rotary, out, cos, -sin)  # undo V's rotation at the query position
+        grouped = out.transpose(1, 2).reshape(batch, seq, self.o_groups, -1)  # heads grouped contiguously
+        weight = self.o_a_proj.weight.view(self.o_groups, -1, grouped.shape[-1])  # [g, r, H*d/g]
+        low = torch.einsum("bsgi,gri->bsgr", grouped, weight).flatten(2)
+        return self.o_b_proj(low)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, win_mask: torch.Tensor, entry_logits: list,
+                entry_values: list, gathered: torch.Tensor | None) -> torch.Tensor:
+        """One softmax over [window keys ; entries ; sink] for ``q [B, H, n, d]``, window ``keys [B, T, d]``
+        (K = V) under ``win_mask [B|1, 1, n, T]``; returns ``[B, H, n, d]`` (V still rotated)."""
+        batch, heads, seq, _ = q.shape
         logits = [(q @ keys.unsqueeze(1).transpose(-1, -2)).float().mul(self.scale)
-                  .masked_fill(~win_mask, float("-inf")), *entry_logits]  # [B, H, S, T_w], ...
+                  .masked_fill(~win_mask, float("-inf")), *entry_logits]  # [B, H, n, T], ...
         values = [keys, *entry_values]
         sink = self.sinks.float().view(1, heads, 1, 1).expand(batch, heads, seq, 1)
         all_logits = torch.cat([*logits, sink], dim=-1)
@@ -267,24 +360,14 @@ class V4SlidingAttention(nn.Module):
             at += v.shape[1]
         if gathered is not None:
             out = out + torch.einsum("bhsk,bskd->bhsd", probs[..., at:], gathered)
-        out = rope_tail(self.rotary, out, cos, -sin)  # undo V's rotation at the query position
-        grouped = out.transpose(1, 2).reshape(batch, seq, self.o_groups, -1)  # heads grouped contiguously
-        weight = self.o_a_proj.weight.view(self.o_groups, -1, grouped.shape[-1])  # [g, r, H*d/g]
-        low = torch.einsum("bsgi,gri->bsgr", grouped, weight).flatten(2)
-        return self.o_b_proj(low)
+        return out
 
 
-class _Windows:
-    """Where a chunk sits in each row's real positions (left padding is never compressed)."""
-
-    def __init__(self, ctx: ForwardContext, batch: int, seq: int, rate: int, device):
-        pad = ctx.pad_offset if ctx.pad_offset is not None else torch.zeros(batch, dtype=torch.long, device=device)
-        self.before = (ctx.start - pad).clamp_min(0)  # [B] real tokens before the chunk
-        self.after = (ctx.start + seq - pad).clamp_min(0)  # [B] ... after it
-        self.offset = pad - ctx.start  # [B] chunk index of real position 0
-        self.uniform = ctx.pad_offset is None
-        real = ctx.query_steps[None, :] - pad[:, None]  # [B, S] real position (negative: padding)
-        self.visible = torch.div(real + 1, rate, rounding_mode="floor").clamp_min(0)  # [B, S] entries seen
+def dense_reference_forward(module: V4SlidingAttention, x: torch.Tensor, ctx: ForwardContext,
+                            cache: V4CacheLayer | None) -> torch.Tensor:
+    """The naive forward of a V4 layer (what ``forward`` computes, the way it did before blocked prefill):
+    one query block, one dense mask over every window key and every entry, CSA's choice as a mask."""
+    return module._forward(x, ctx, cache, None, 0)
 
 
 @register_module("hca")
@@ -310,19 +393,24 @@ class HCAttention(V4SlidingAttention):
         cache.set_comp_state(name, state)
         return cache.append_entries(name, entries, new, first, w.uniform)
 
-    def entry_terms(self, x, q, q_res, cos, sin, ctx, cache):
+    def entry_source(self, x, q_res, cos, sin, ctx, cache):
         w = _Windows(ctx, x.shape[0], x.shape[1], self.compressor.rate, x.device)
-        entries = self._compress("entries", self.compressor, x, cache, w)
-        return self.select_entries(x, q, q_res, cos, sin, ctx, cache, w, entries)
+        return EntrySource(self._compress("entries", self.compressor, x, cache, w), w)
 
-    def select_entries(self, x, q, q_res, cos, sin, ctx, cache, w: _Windows, entries: torch.Tensor):
-        """HCA: every entry visible to each query (``entries [B, E, d]``)."""
-        if not entries.shape[1]:
-            return [], [], None
-        seen = torch.arange(entries.shape[1], device=x.device)[None, None, :] < w.visible.unsqueeze(-1)
-        logits = (q @ entries.unsqueeze(1).transpose(-1, -2)).float().mul(self.scale)
-        ctx.record(self.layer_idx, "entries_attended", entries.shape[1])
-        return [logits.masked_fill(~seen.unsqueeze(1), float("-inf"))], [entries], None
+    def entry_terms(self, src, q, rows, ctx, gather_max):
+        """HCA: every entry visible to each query (a prefix of ``src.entries``)."""
+        n = src.seen(rows)
+        return self._masked_terms(src, q, rows, ctx, n, None) if n else ([], [], None)
+
+    def _masked_terms(self, src: EntrySource, q, rows: slice, ctx, n: int, chosen: torch.Tensor | None):
+        """Logits over the first ``n`` entries, masked to each query's visible ones (or to ``chosen``
+        ``[B, n_q, n]``)."""
+        entries = src.entries[:, :n]  # [B, n, d]
+        if chosen is None:
+            chosen = torch.arange(n, device=q.device) < src.visible[:, rows, None]  # [B, n_q, n]
+        logits = (q @ entries.unsqueeze(1).transpose(-1, -2)).float().mul(self.scale)  # [B, H, n_q, n]
+        ctx.record(self.layer_idx, "entries_attended", n)
+        return [logits.masked_fill(~chosen.unsqueeze(1), float("-inf"))], [entries], None
 
 
 @register_module("csa")
@@ -330,9 +418,11 @@ class CSAttention(HCAttention):
     """HCA with overlapping windows and a lightning indexer choosing ``index_topk`` entries per query."""
 
     OVERLAP = True
+    GATHER_BUDGET = 2 ** 21  # elements a prefill block gathers per row (8 MiB fp32): larger buffers page-fault
 
     def __init__(self, spec: CSASpec, cfg, layer_idx: int):
         super().__init__(spec, cfg, layer_idx)
+        self.prefill_block = min(self.prefill_block, max(16, self.GATHER_BUDGET // (spec.index_topk * spec.head_dim)))
         if self.rotary.rot_dim > spec.index_head_dim:
             raise ConfigError(f"layers[{layer_idx}].index_head_dim: smaller than the rotated slice "
                               f"({self.rotary.rot_dim} channels)")
@@ -341,25 +431,32 @@ class CSAttention(HCAttention):
     def compressors(self) -> dict[str, Compressor]:
         return {"entries": self.compressor, "index_keys": self.compressor.indexer}
 
-    def select_entries(self, x, q, q_res, cos, sin, ctx, cache, w: _Windows, entries: torch.Tensor):
-        batch, seq, _ = x.shape
-        indexer, n_entries = self.compressor.indexer, entries.shape[1]
-        if not n_entries:
+    def entry_source(self, x, q_res, cos, sin, ctx, cache):
+        src = super().entry_source(x, q_res, cos, sin, ctx, cache)
+        indexer = self.compressor.indexer
+        if not src.entries.shape[1]:
             if cache is not None:  # keep the indexer's compressor state current
-                self._compress("index_keys", indexer, x, cache, w)
-            return [], [], None
-        index_keys = self._compress("index_keys", indexer, x, cache, w)
-        scores = indexer.scores(x, q_res, index_keys, w.visible, self.rotary, cos, sin)
-        idx, valid = indexer.select(scores, w.visible)  # [B, S, k]
-        ctx.record(self.layer_idx, "entries_scored", n_entries)
-        if seq <= self.gather_max_queries and idx.shape[-1] < n_entries:
-            picked = entries.unsqueeze(1).expand(-1, seq, -1, -1).gather(
-                2, idx.unsqueeze(-1).expand(-1, -1, -1, self.head_dim))  # [B, S, k, d]: only k entries per query
-            logits = torch.einsum("bhsd,bskd->bhsk", q, picked).float() * self.scale
-            ctx.record(self.layer_idx, "entries_attended", idx.shape[-1])
-            return [logits.masked_fill(~valid.unsqueeze(1), float("-inf"))], [], picked
-        chosen = torch.zeros(batch, seq, n_entries, dtype=torch.bool, device=x.device)
-        chosen.scatter_(-1, idx, valid)
-        logits = (q @ entries.unsqueeze(1).transpose(-1, -2)).float().mul(self.scale)
-        ctx.record(self.layer_idx, "entries_attended", n_entries)
-        return [logits.masked_fill(~chosen.unsqueeze(1), float("-inf"))], [entries], None
+                self._compress("index_keys", indexer, x, cache, src.windows)
+            return src
+        src.index_keys = self._compress("index_keys", indexer, x, cache, src.windows)
+        src.index_q, src.index_w = indexer.queries(x, q_res, self.rotary, cos, sin)
+        return src
+
+    def entry_terms(self, src, q, rows, ctx, gather_max):
+        """The indexer's top-k of the entries each query sees: gathered (``[B, n_q, k, d]``) for blocks of
+        at most ``gather_max`` queries, else a mask over the visible prefix."""
+        n = src.seen(rows)
+        indexer = self.compressor.indexer
+        if n <= indexer.topk:  # every visible entry is among the top-k: HCA's terms, no scoring needed
+            return super().entry_terms(src, q, rows, ctx, gather_max)
+        visible = src.visible[:, rows]  # [B, n_q]
+        scores = indexer.scores(src.index_q[:, :, rows], src.index_w[:, rows], src.index_keys[:, :n], visible)
+        idx, valid = indexer.select(scores, visible)  # [B, n_q, k]
+        ctx.record(self.layer_idx, "entries_scored", n)
+        if q.shape[2] > gather_max:
+            chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, valid)  # [B, n_q, n]
+            return self._masked_terms(src, q, rows, ctx, n, chosen)
+        picked = src.pick(idx)  # [B, n_q, k, d]: only k entries per query
+        logits = torch.einsum("bhsd,bskd->bhsk", q, picked).float() * self.scale
+        ctx.record(self.layer_idx, "entries_attended", idx.shape[-1])
+        return [logits.masked_fill(~valid.unsqueeze(1), float("-inf"))], [], picked
