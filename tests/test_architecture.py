@@ -13,7 +13,7 @@ MAX_LINES = 400
 LAYERS = [
     ("config", {"kvlab._version", "kvlab.errors", "kvlab.safe_io", "kvlab.typecheck", "kvlab.plugins", "kvlab.config_options",
                 "kvlab.config"}),
-    ("runtime", {"kvlab.rope", "kvlab.norms", "kvlab.mlp", "kvlab.registry", "kvlab.sharing", "kvlab.cache",
+    ("runtime", {"kvlab.rope", "kvlab.norms", "kvlab.mlp", "kvlab.linear_layout", "kvlab.registry", "kvlab.sharing", "kvlab.cache",
                  "kvlab.hyper_connections", "kvlab.per_layer_embeddings", "kvlab.attention"}),
     ("model", {"kvlab.model"}),
 ]

@@ -1,13 +1,18 @@
 """The parts DeepSeek V4's compressed layers share (``compressed.py`` has the specs and modules): the
 trailing-slice RoPE, the compressor that pools ``rate`` real tokens into one entry, CSA's lightning
-indexer and the V4 cache layer (window keys, entries, compressor rings)."""
+indexer, the V4 cache layer (window keys, entries, compressor rings) and what a blocked prefill reads per
+query block (``ChunkWindows``, ``EntrySource``)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvlab.attention._common import ForwardContext
 from kvlab.cache.base import CacheLayer, GrowingBuffer
 from kvlab.norms import RMSNorm
 from kvlab.rope import Rotary
@@ -37,6 +42,19 @@ class Compressor(nn.Module):
         self.gate_proj = nn.Linear(d_model, self.width, bias=False)
         self.position_bias = nn.Parameter(torch.zeros(rate, self.width))
         self.kv_norm = RMSNorm(dim, eps)
+
+    def chunk_entries(self, name: str, x: torch.Tensor, cache: V4CacheLayer | None, w: ChunkWindows,
+                      rotary: Rotary) -> torch.Tensor:
+        """Pool the chunk ``x [B, S, d_model]``: every entry so far ``[B, E, dim]`` (appended to ``cache``'s
+        buffer ``name``, its ring state carried), or without a cache the chunk's own complete entries."""
+        if cache is None:
+            state = self.empty_state(x.shape[0], x.dtype, x.device)
+            entries, new, _ = self(x, state, w.before, w.after, w.offset, rotary)
+            return entries[:, : int(new.max())]
+        state = cache.comp_state(name)
+        entries, new, first = self(x, state, w.before, w.after, w.offset, rotary)
+        cache.set_comp_state(name, state)
+        return cache.append_entries(name, entries, new, first, w.uniform)
 
     def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor], before: torch.Tensor,
                 after: torch.Tensor, chunk_offset: torch.Tensor, rotary: Rotary
@@ -207,3 +225,47 @@ class V4CacheLayer(CacheLayer):
     def reset(self) -> None:
         super().reset()
         self.state["window"] = self.state["window"][:, :0]
+
+
+class ChunkWindows:
+    """Where a chunk sits in each row's real positions (left padding is never compressed)."""
+
+    def __init__(self, ctx: ForwardContext, batch: int, seq: int, rate: int, device):
+        pad = ctx.pad_offset if ctx.pad_offset is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        self.before = (ctx.start - pad).clamp_min(0)  # [B] real tokens before the chunk
+        self.after = (ctx.start + seq - pad).clamp_min(0)  # [B] ... after it
+        self.offset = pad - ctx.start  # [B] chunk index of real position 0
+        self.uniform = ctx.pad_offset is None
+        real = ctx.query_steps[None, :] - pad[:, None]  # [B, S] real position (negative: padding)
+        self.visible = torch.div(real + 1, rate, rounding_mode="floor").clamp_min(0)  # [B, S] entries seen
+
+
+@dataclass
+class EntrySource:
+    """A forward's compressed entries, computed once and read per query block. Every query sees a prefix
+    of its row's entries, ``visible [B, S]`` long (non-decreasing along S)."""
+
+    entries: torch.Tensor  # [B, E, d]
+    windows: ChunkWindows  # where the chunk sits in each row
+    index_keys: torch.Tensor | None = None  # CSA: the indexer's keys [B, E, d_I]
+    index_q: torch.Tensor | None = None  # ... its queries [B, H_I, S, d_I]
+    index_w: torch.Tensor | None = None  # ... and head weights [B, S, H_I]
+
+    @property
+    def visible(self) -> torch.Tensor:  # [B, S]
+        return self.windows.visible
+
+    def seen(self, rows: slice) -> int:
+        """Entries the queries ``rows`` see at most (the block's last query sees the longest prefix)."""
+        return int(self.visible[:, rows.stop - 1].max()) if self.entries.shape[1] else 0
+
+    @cached_property
+    def _flat(self) -> torch.Tensor:  # [B * E, d], copied once per forward at most
+        return self.entries.reshape(-1, self.entries.shape[-1])
+
+    def pick(self, idx: torch.Tensor) -> torch.Tensor:
+        """Each query's entries at ``idx [B, n_q, k]`` (indices into its row) as ``[B, n_q, k, d]``
+        (``index_select``: several times faster on CPU than advanced indexing or ``gather``)."""
+        batch, n_entries = self.entries.shape[:2]
+        rows = idx + torch.arange(batch, device=idx.device)[:, None, None] * n_entries
+        return self._flat.index_select(0, rows.flatten()).view(*idx.shape, -1)

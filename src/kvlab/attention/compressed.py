@@ -17,14 +17,10 @@ As in the reference, top-k selection passes no gradient to the indexer (DeepSeek
 separate objective); every other parameter trains through the dense or gathered path.
 
 Windows are aligned to each row's *real* positions (left padding is never compressed), so a padded row
-equals that row alone. A chunk is attended in query blocks (``prefill_block`` queries; one block for decode
-and short chunks): each block reads its window keys (at most ``window - 1 + block``) and the prefix of
-entries its queries can see under a small mask, so prefill costs O(S (W + block)) for the window. HCA's
-blocks attend to that prefix (O(S^2 / m) in all); CSA's indexer scores the prefix per block (O(S^2 / m)
-d_I-wide dot products, then top-k per query) and the block gathers each query's top-k entries
-(O(S k) attention; a block that sees at most top-k entries takes them all, as HCA).
-``dense_reference_forward`` is the naive path (one block, one dense mask over window keys and entries,
-O(S T)), kept as the reference the blocked path equals.
+equals that row alone. A chunk is attended in query blocks of ``prefill_block`` (decode: one block), each
+reading its window keys (at most ``window - 1 + block``) and the prefix of entries it can see: O(S (W +
+block)) for the window; HCA attends to that prefix, CSA's indexer scores it (O(S^2 / m) dot products) and
+the block gathers each query's top-k (O(S k)). ``dense_reference_forward`` is the naive O(S T) reference.
 
 Cache (per row): the window's last ``window - 1`` keys (one copy: K = V), the compressed entries (and
 the indexer's keys for CSA), the not-yet-compressed remainder as a fixed ``m``-slot ring of projected
@@ -36,12 +32,12 @@ Planner (no padding, T tokens, elem bytes b):
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import cached_property
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from kvlab.attention import _v4
 from kvlab.attention._common import ForwardContext
 from kvlab.attention._v4 import Compressor, Indexer, IndexerScorer, V4CacheLayer, rope_tail
 from kvlab.attention.sliding import band_block, window_mask
@@ -53,7 +49,7 @@ from kvlab.norms import RMSNorm
 from kvlab.registry import register_module, register_spec
 from kvlab.rope import Rotary
 
-__all__ = ["CSASpec", "CSAttention", "Compressor", "EntrySource", "HCASpec", "HCAttention", "Indexer",
+__all__ = ["CSASpec", "CSAttention", "Compressor", "HCASpec", "HCAttention", "Indexer",
            "IndexerScorer", "V4CacheLayer", "V4SlidingAttention", "V4SlidingSpec", "dense_reference_forward",
            "rope_tail"]
 _V4 = {"n_heads": 4, "head_dim": 16, "q_lora_rank": 12, "o_groups": 2, "o_lora_rank": 8, "window": 5,
@@ -214,58 +210,10 @@ class CSASpec(HCASpec):
 
 
 # ---- modules: V4 sliding -> HCA (+ compressor) -> CSA (+ indexer), as the specs ---------------------
-class _Windows:
-    """Where a chunk sits in each row's real positions (left padding is never compressed)."""
-
-    def __init__(self, ctx: ForwardContext, batch: int, seq: int, rate: int, device):
-        pad = ctx.pad_offset if ctx.pad_offset is not None else torch.zeros(batch, dtype=torch.long, device=device)
-        self.before = (ctx.start - pad).clamp_min(0)  # [B] real tokens before the chunk
-        self.after = (ctx.start + seq - pad).clamp_min(0)  # [B] ... after it
-        self.offset = pad - ctx.start  # [B] chunk index of real position 0
-        self.uniform = ctx.pad_offset is None
-        real = ctx.query_steps[None, :] - pad[:, None]  # [B, S] real position (negative: padding)
-        self.visible = torch.div(real + 1, rate, rounding_mode="floor").clamp_min(0)  # [B, S] entries seen
-
-
-@dataclass
-class EntrySource:
-    """A forward's compressed entries, computed once and read per query block. Every query sees a prefix
-    of its row's entries, ``visible [B, S]`` long (non-decreasing along S)."""
-
-    entries: torch.Tensor  # [B, E, d]
-    windows: _Windows  # where the chunk sits in each row
-    index_keys: torch.Tensor | None = None  # CSA: the indexer's keys [B, E, d_I]
-    index_q: torch.Tensor | None = None  # ... its queries [B, H_I, S, d_I]
-    index_w: torch.Tensor | None = None  # ... and head weights [B, S, H_I]
-
-    @property
-    def visible(self) -> torch.Tensor:  # [B, S]
-        return self.windows.visible
-
-    def seen(self, rows: slice) -> int:
-        """Entries the queries ``rows`` see at most (the block's last query sees the longest prefix)."""
-        return int(self.visible[:, rows.stop - 1].max()) if self.entries.shape[1] else 0
-
-    @cached_property
-    def _flat(self) -> torch.Tensor:  # [B * E, d], copied once per forward at most
-        return self.entries.reshape(-1, self.entries.shape[-1])
-
-    def pick(self, idx: torch.Tensor) -> torch.Tensor:
-        """Each query's entries at ``idx [B, n_q, k]`` (indices into its row) as ``[B, n_q, k, d]``
-        (``index_select``: several times faster on CPU than advanced indexing or ``gather``)."""
-        batch, n_entries = self.entries.shape[:2]
-        rows = idx + torch.arange(batch, device=idx.device)[:, None, None] * n_entries
-        return self._flat.index_select(0, rows.flatten()).view(*idx.shape, -1)
-
-
 @register_module("v4_sliding")
 class V4SlidingAttention(nn.Module):
     """V4 attention block over the window; parameter names follow transformers' ``DeepseekV4Attention``.
-    Subclasses add attention to compressed entries through ``entry_source`` and ``entry_terms``.
-
-    A chunk longer than ``prefill_block`` queries is attended block by block: each query block reads only
-    its window keys and the entries it can see, so prefill costs O(S (W + block + entries per query)), not
-    O(S T). ``dense_reference_forward`` is the one-block path (dense masks over every key and entry)."""
+    Subclasses add attention to compressed entries through ``entry_source`` and ``entry_terms``."""
 
     gather_max_queries = 256  # CSA: query blocks up to this many queries gather their top-k entries; 0: dense
 
@@ -295,11 +243,11 @@ class V4SlidingAttention(nn.Module):
     def new_cache_layer(self, batch: int, dtype: torch.dtype, device, built: list[CacheLayer]) -> CacheLayer:
         return V4CacheLayer(batch, self.head_dim, self.window, dtype, device, self.compressors())
 
-    def entry_source(self, x, q_res, cos, sin, ctx: ForwardContext, cache: V4CacheLayer | None) -> EntrySource | None:
+    def entry_source(self, x, q_res, cos, sin, ctx: ForwardContext, cache: V4CacheLayer | None) -> _v4.EntrySource | None:
         """Compress this chunk (appending to ``cache``); None: no entries to attend to."""
         return None
 
-    def entry_terms(self, src: EntrySource | None, q: torch.Tensor, rows: slice, ctx: ForwardContext,
+    def entry_terms(self, src: _v4.EntrySource | None, q: torch.Tensor, rows: slice, ctx: ForwardContext,
                     gather_max: int):
         """For the queries ``rows`` (``q [B, H, n, d]``): logits ``[B, H, n, E_i]`` and values of the entries
         they attend to, as lists (shared values ``[B, E_i, d]``), plus gathered per-query values
@@ -383,26 +331,16 @@ class HCAttention(V4SlidingAttention):
     def compressors(self) -> dict[str, Compressor]:
         return {"entries": self.compressor}
 
-    def _compress(self, name: str, comp: Compressor, x, cache, w: _Windows):
-        if cache is None:
-            state = comp.empty_state(x.shape[0], x.dtype, x.device)
-            entries, new, _ = comp(x, state, w.before, w.after, w.offset, self.rotary)
-            return entries[:, : int(new.max())]
-        state = cache.comp_state(name)
-        entries, new, first = comp(x, state, w.before, w.after, w.offset, self.rotary)
-        cache.set_comp_state(name, state)
-        return cache.append_entries(name, entries, new, first, w.uniform)
-
     def entry_source(self, x, q_res, cos, sin, ctx, cache):
-        w = _Windows(ctx, x.shape[0], x.shape[1], self.compressor.rate, x.device)
-        return EntrySource(self._compress("entries", self.compressor, x, cache, w), w)
+        w = _v4.ChunkWindows(ctx, x.shape[0], x.shape[1], self.compressor.rate, x.device)
+        return _v4.EntrySource(self.compressor.chunk_entries("entries", x, cache, w, self.rotary), w)
 
     def entry_terms(self, src, q, rows, ctx, gather_max):
         """HCA: every entry visible to each query (a prefix of ``src.entries``)."""
         n = src.seen(rows)
         return self._masked_terms(src, q, rows, ctx, n, None) if n else ([], [], None)
 
-    def _masked_terms(self, src: EntrySource, q, rows: slice, ctx, n: int, chosen: torch.Tensor | None):
+    def _masked_terms(self, src: _v4.EntrySource, q, rows: slice, ctx, n: int, chosen: torch.Tensor | None):
         """Logits over the first ``n`` entries, masked to each query's visible ones (or to ``chosen``
         ``[B, n_q, n]``)."""
         entries = src.entries[:, :n]  # [B, n, d]
@@ -436,9 +374,9 @@ class CSAttention(HCAttention):
         indexer = self.compressor.indexer
         if not src.entries.shape[1]:
             if cache is not None:  # keep the indexer's compressor state current
-                self._compress("index_keys", indexer, x, cache, src.windows)
+                indexer.chunk_entries("index_keys", x, cache, src.windows, self.rotary)
             return src
-        src.index_keys = self._compress("index_keys", indexer, x, cache, src.windows)
+        src.index_keys = indexer.chunk_entries("index_keys", x, cache, src.windows, self.rotary)
         src.index_q, src.index_w = indexer.queries(x, q_res, self.rotary, cos, sin)
         return src
 

@@ -1,0 +1,98 @@
+"""Fused decode groups against separate linears at SmolLM2-135M's shapes (``kvlab.linear_layout``).
+
+Per layer a decode step runs q/k/v (576 -> 576 + 192 + 192) and gate/up (576 -> 1,536 + 1,536) on the same
+input. kvlab stores each group as one column-major weight and runs one ``F.linear``; this times that against
+the three (two) separate column-major linears, over 30 layers' worth of distinct weights (so the caches do
+not serve them, as in the real model), at batch 1 (GEMV) and batch 16 (decode of 16 sequences). Both
+variants alternate round by round in one process; a ``torch.sum`` over 1 GiB probes read bandwidth in the
+same run, and each variant's read speed is weight bytes / time.
+
+    python benchmarks/fused_linears.py            # batch 1 and 16, 2 threads
+    python benchmarks/fused_linears.py --quick    # few rounds (validation)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_results  # noqa: E402
+from decode_bandwidth import cpu_flags, read_seconds  # noqa: E402
+
+GROUPS = {"q/k/v": (576, (576, 192, 192)), "gate/up": (576, (1536, 1536))}
+LAYERS = 30
+
+
+def column_major(out: int, d_in: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(d_in, out, generator=gen).t()  # [out, in] stored in-major, as the model does
+
+
+def time_rounds(fn, rounds: int) -> float:
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+@torch.inference_mode()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 16])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    rounds = 3 if args.quick else args.rounds
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.ones(2**28)  # 1 GiB fp32
+    rows, data = [], []
+    for name, (d_in, outs) in GROUPS.items():
+        separate = [[column_major(out, d_in, gen) for out in outs] for _ in range(LAYERS)]
+        fused = [torch.cat(ws).t().contiguous().t() for ws in separate]  # what fuse_ builds
+        nbytes = sum(w.nbytes for w in fused)
+        for batch in args.batches:
+            x = torch.randn(batch, d_in, generator=gen)
+            run = {"separate": lambda x=x, separate=separate: [F.linear(x, w) for ws in separate for w in ws],
+                   "fused": lambda x=x, fused=fused, outs=outs: [F.linear(x, w).split(outs, -1) for w in fused]}
+            for ws_ref, w in zip(separate[:1], fused[:1]):  # same numbers, up to rounding
+                torch.testing.assert_close(torch.cat([F.linear(x, wi) for wi in ws_ref], -1), F.linear(x, w))
+            times = {k: [] for k in run}
+            probes = []
+            for _ in range(rounds):
+                probes.append(read_seconds(probe)[0])
+                for variant, fn in run.items():
+                    times[variant].append(time_rounds(fn, 3))
+            seconds = {k: statistics.median(v) for k, v in times.items()}
+            bandwidth = probe.nbytes / statistics.median(probes) / 1e9
+            result = {"group": name, "batch": batch, "read_GBps": bandwidth, "weight_bytes": nbytes,
+                      **{f"{k}_ms_per_layer": s / LAYERS * 1e3 for k, s in seconds.items()},
+                      **{f"{k}_GBps": nbytes / s / 1e9 for k, s in seconds.items()},
+                      "speedup": seconds["separate"] / seconds["fused"]}
+            data.append(result)
+            rows.append(f"| {name} | {batch} | {bandwidth:.1f} | {result['separate_ms_per_layer']:.3f} | "
+                        f"{result['fused_ms_per_layer']:.3f} | {result['separate_GBps']:.1f} | "
+                        f"{result['fused_GBps']:.1f} | {result['speedup']:.2f}x |")
+            print(rows[-1], flush=True)
+    lines = [f"# Fused decode groups vs separate linears (SmolLM2-135M shapes, fp32, {args.threads} threads)", "",
+             f"CPU flags: {' '.join(cpu_flags())}", "",
+             "| group | batch | probe read GB/s | separate ms/layer | fused ms/layer | separate GB/s | fused GB/s | "
+             "fused speed-up |", "|---|---|---|---|---|---|---|---|", *rows, "",
+             f"Medians of {rounds} alternating rounds (each 3 passes over {LAYERS} layers' distinct weights); GB/s = "
+             "weight bytes / time; probe: torch.sum over 1 GiB between rounds. Command: `python "
+             "benchmarks/fused_linears.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`"]
+    print("\n".join(lines))
+    write_results("fused_linears" + ("_quick" if args.quick else ""), {"results": data}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
