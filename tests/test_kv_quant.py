@@ -205,3 +205,42 @@ def test_decode_reading_codes_block_by_block_equals_the_dequantized_copy(kind, m
         block.self_attn.has_consumers = True  # -> the reference path
     reference, _ = decode_stepwise(model, ids, [10, 1], attention_mask=mask)
     torch.testing.assert_close(chunked, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize(("batch", "kv_heads", "queries", "dim", "group", "residual", "block"), [
+    (1, 3, 3, 64, 32, 32, 64),   # SmolLM2's shape (GQA-3), blocks of two groups
+    (2, 2, 4, 24, 8, 4, 24),     # head dim not a power of two, int4 words of 4 bytes
+    (2, 1, 1, 10, 4, 0, 1),      # MQA, no residual, block smaller than a group (rounded up), 1-byte words
+    (1, 2, 6, 16, 32, 5, 8192),  # group wider than the head dim (value groups of gcd(32, 16) channels)
+])
+@torch.no_grad()
+def test_attend_on_codes_equals_dequantize_then_attend(kind, batch, kv_heads, queries, dim, group, residual, block,
+                                                      monkeypatch):
+    # the fast decode read (codes converted block by block, scales folded into q and p) against
+    # attend_reference (full-size dequantized copy, then softmax attention), step by step: lengths not
+    # multiples of the group or the block, residual window partly filled, left padding, GQA groups in M
+    import kvlab.cache.quantized as quantized
+
+    monkeypatch.setattr(quantized, "BLOCK", block)
+    gen = torch.Generator().manual_seed(dim * 7 + group)
+    fast, ref = (quantized.QuantizedKVCacheLayer(batch, kv_heads, dim, torch.float32, quant=kind, group=group,
+                                                 residual=residual) for _ in range(2))
+    prefill = 3 * group + 5
+    k, v = torch.randn(batch, kv_heads, prefill, dim, generator=gen), torch.randn(batch, kv_heads, prefill, dim,
+                                                                                  generator=gen)
+    k[..., 1] *= 10  # an outlier key channel
+    fast.append(k, v)
+    ref.append(k, v)
+    pad = torch.zeros(batch, dtype=torch.long)
+    pad[-1] = min(3, prefill)  # the last row is left-padded
+    for _ in range(group + 3):  # crosses at least one flush
+        t = fast.length + 1
+        q = torch.randn(batch, kv_heads, queries, dim, generator=gen)
+        k1, v1 = torch.randn(batch, kv_heads, 1, dim, generator=gen), torch.randn(batch, kv_heads, 1, dim, generator=gen)
+        mask = (torch.arange(t) >= pad[:, None]).view(batch, 1, 1, t).expand(-1, -1, queries, -1)
+        out = fast.attend(q, k1, v1, mask, 0.3)
+        torch.testing.assert_close(out, ref.attend_reference(q, k1, v1, mask, 0.3), atol=2e-5, rtol=2e-5)
+    assert fast.k.quantized_length > 0 and fast.nbytes == ref.nbytes
+    for name in fast.buffers:
+        assert torch.equal(fast.buffers[name].view(), ref.buffers[name].view())
