@@ -34,7 +34,8 @@ def test_fused_group_equals_members_and_keeps_names(bias):
     before = {k: v.clone() for k, v in module.state_dict().items()}
     expected = separate(module, x)
     fuse_(module, NAMES)
-    assert NAMES in module.__dict__[_GROUPS]
+    group = module.__dict__[_GROUPS][NAMES]
+    assert (group.packed is not None) == torch.backends.mkldnn.is_available()  # CPU fp32: a oneDNN copy
     state = module.state_dict()
     assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
     with torch.inference_mode():
@@ -50,7 +51,14 @@ def test_training_updates_reach_the_fused_weight_and_gradients_reach_members():
     optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
     sum(out.square().sum() for out in group_forward(module, NAMES, x)).backward()  # grad mode: members
     assert all(getattr(module, name).weight.grad is not None for name in NAMES)
-    optimizer.step()  # in place: the fused tensor holds the new values
+    optimizer.step()  # in place: the fused tensor holds the new values, the packed copy is stale
+    with torch.no_grad():
+        for got, want in zip(group_forward(module, NAMES, x), separate(module, x)):
+            torch.testing.assert_close(got, want)
+    stale = module.__dict__[_GROUPS][NAMES]
+    fuse_(module, NAMES)  # re-packs (generate() does this before decoding)
+    fresh = module.__dict__[_GROUPS][NAMES]
+    assert fresh.weight is stale.weight and (fresh.packed is None or fresh.packed is not stale.packed)
     with torch.no_grad():
         for got, want in zip(group_forward(module, NAMES, x), separate(module, x)):
             torch.testing.assert_close(got, want)
@@ -104,9 +112,21 @@ def test_model_decode_equals_training_path_after_to_and_reload(tmp_path):
     model.save(tmp_path / "m")
     loaded = kvlab.load(tmp_path / "m").eval()
     assert loaded.layers[0].self_attn.__dict__[_GROUPS]
+    assert ("lm_head",) in loaded.__dict__[_GROUPS] or not torch.backends.mkldnn.is_available()
     assert loaded.generate(ids, max_new_tokens=12).tokens == greedy
     wide = model.to(torch.float64)
     attn = wide.layers[0].self_attn
     group = attn.__dict__[_GROUPS][attn.QKV]
     assert group.weight.dtype == torch.float64 and attn.q_proj.weight.data_ptr() == group.weight.data_ptr()
+    assert group.packed is None  # oneDNN's copy is fp32 only: float64 runs F.linear on the fused tensor
     torch.testing.assert_close(wide(ids).float(), fused, atol=1e-4, rtol=1e-4)
+
+
+def test_layout_redone_under_inference_mode_still_trains():
+    """generate() re-does the layout inside inference mode: the fused storage must stay a normal tensor."""
+    module = members(bias=True)
+    with torch.inference_mode():
+        fuse_(module, NAMES)
+    loss = sum(out.sum() for out in group_forward(module, NAMES, torch.randn(2, 6)))
+    loss.backward()
+    assert module.a.weight.grad is not None

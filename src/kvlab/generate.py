@@ -133,6 +133,7 @@ def generate(model, input_ids, max_new_tokens: int = 32, *, attention_mask: torc
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
+    model.decode_layout_()  # re-packs weights a training step updated in place (no-op otherwise)
     cache = model.new_cache(batch, max_length=prompt_len + max_new_tokens, dtype=cache_dtype)
     stops = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=model.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=model.device)

@@ -1,19 +1,22 @@
-"""Weight layout of the one-token hot path: column-major linears, and groups of linears that read the same
-input (q/k/v, gate/up) run as one GEMV.
+"""Weight layout of the one-token hot path: groups of linears that read the same input (q/k/v, gate/up) run
+as one matmul, and on CPU every hot-path linear runs on a oneDNN-packed copy of its weight.
 
-Decode at batch 1 reads every weight once per token, so it is a chain of GEMVs. On CPU (MKL) a GEMV over a
-column-major weight (``[out, in]`` stored ``in``-major, a transposed view of a contiguous ``[in, out]``)
-runs 1.3-1.9x faster than over the row-major one, and one GEMV over a wider weight is faster again than
-several narrow ones (fewer calls, and MKL's single-call bandwidth grows with the output width: on a 2-core
-EPYC 12 GB/s at 576 outputs, 16 at 960, 20 at 3,072; ``benchmarks/fused_linears.py``).
+Decode at batch 1 reads every weight once per token, so it is a chain of GEMVs; at batch 16 a chain of thin
+GEMMs. Measured at SmolLM2-135M's shapes (``benchmarks/fused_linears.py``):
+- one matmul over a wider weight beats several narrow ones (fewer calls; MKL's single-call GEMV bandwidth
+  grows with the output width: on a 2-core EPYC 12 GB/s at 576 outputs, 16 at 960, 20 at 3,072);
+- oneDNN's linear on a weight reordered once into its blocked layout (``torch.ops.mkldnn``, what inductor's
+  CPU freezing uses) beats MKL on the plain weight: 1.2-1.5x at one row, 2-3x at 16 rows on that EPYC;
+- without oneDNN, a column-major weight (``[out, in]`` stored ``in``-major) makes MKL's GEMV 1.3-1.9x faster.
 
 A *fused group* keeps each member an ordinary ``nn.Linear`` with its usual name, shape and values (state
 dicts, checkpoints and exports see nothing new), but its ``weight`` (and ``bias``) become row blocks of one
-column-major tensor ``[sum out, in]``. ``group_forward`` then runs one ``F.linear`` and splits the output --
-only without autograd (the members' parameters are views, so an optimizer's in-place update still reaches
-the fused tensor, but gradients flow only through the members' own forward) and only while every member
-still is that view (``param.data = ...``, ``.to()`` or a hook on a member makes it fall back to the members'
-own forward until the layout is re-done).
+column-major tensor ``[sum out, in]``; a one-member group is the linear itself. The packed copy is the only
+extra memory (one more copy of the hot-path weights, CPU only). ``group_forward`` runs one linear and splits
+its output -- only without autograd (gradients flow only through the members' own forward) and only while
+every member still is its view (``param.data = ...``, ``.to()`` or a hook on a member falls back to the
+members' own forward until the layout is re-done). An in-place update of the weights (an optimizer step)
+bumps their versions: the stale packed copy is then skipped for the fused tensor until ``fuse_`` re-packs.
 """
 
 from __future__ import annotations
@@ -36,12 +39,36 @@ def column_major_(linear: nn.Linear) -> None:
         weight.data = weight.data.t().contiguous().t()
 
 
+def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight [out, in]`` reordered for oneDNN's linear (an opaque ``torch._mkldnn`` tensor), or None where
+    that path does not apply (not a CPU fp32 weight, or a torch without oneDNN)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+    except (AttributeError, RuntimeError):  # a build without the op
+        return None
+
+
 @dataclass(frozen=True)
 class FusedGroup:
-    weight: torch.Tensor  # [sum out, in], column-major
+    weight: torch.Tensor  # [sum out, in], column-major: the members' weights are its row blocks
     bias: torch.Tensor | None  # [sum out] or None
     sizes: tuple[int, ...]  # each member's out_features, in order
     pointers: tuple[int, ...]  # each member's weight.data_ptr() when fused: still a view iff unchanged
+    packed: torch.Tensor | None = None  # oneDNN-reordered copy of ``weight`` (None: not on this device)
+    versions: tuple[int, ...] = ()  # each member's weight._version when packed: an in-place update since
+    #                                 (an optimizer step) makes the packed copy stale
+
+    def linear(self, x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
+        """``x @ weight.T + bias``, on the packed copy while it is current."""
+        if self.packed is not None and x.dtype == torch.float32 and _versions(linears) == self.versions:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def _versions(linears: list[nn.Linear]) -> tuple[int, ...]:
+    return tuple(linear.weight._version for linear in linears)
 
 
 def _members(module: nn.Module, names: tuple[str, ...]) -> list[nn.Linear] | None:
@@ -55,46 +82,56 @@ def _intact(group: FusedGroup, linears: list[nn.Linear]) -> bool:
                for linear, pointer in zip(linears, group.pointers))
 
 
+@torch.inference_mode(False)  # the fused weight becomes the parameters' storage: never an inference tensor
 @torch.no_grad()
 def fuse_(module: nn.Module, names: tuple[str, ...]) -> None:
-    """Lay out ``module``'s linears ``names`` for decode: one member is made column-major; several that share
-    their input width, dtype, device and bias-ness become one fused group (see the module docstring).
-    Missing members (a ``kv_from`` layer has no k/v) leave the group unfused; re-running is a no-op."""
+    """Lay out ``module``'s linears ``names`` for decode (see the module docstring): several that share their
+    input width, dtype, device and bias-ness become one fused group, one becomes a group of its own; each
+    is column-major and, on CPU, packed. Missing members (a ``kv_from`` layer has no k/v) leave the linears
+    column-major only. Re-running is a no-op unless the weights were replaced or updated since."""
     linears = _members(module, names)
     groups = module.__dict__.setdefault(_GROUPS, {})
-    if names in groups and linears is not None and _intact(groups[names], linears):
+    group = groups.pop(names, None)
+    if group is not None and linears is not None and _intact(group, linears):
+        if group.packed is not None and _versions(linears) != group.versions:  # updated in place: re-pack
+            group = FusedGroup(group.weight, group.bias, group.sizes, group.pointers, packed_weight(group.weight),
+                               _versions(linears))
+        groups[names] = group
         return
-    groups.pop(names, None)
-    if linears is None:
-        for name in names:
-            if isinstance(getattr(module, name, None), nn.Linear):
-                column_major_(getattr(module, name))
+    present = [getattr(module, name) for name in names if isinstance(getattr(module, name, None), nn.Linear)]
+    for linear in present:
+        column_major_(linear)
+    if linears is None or linears[0].weight.device.type == "meta":
         return
     weights = [linear.weight for linear in linears]
-    fusable = (len(linears) > 1 and weights[0].device.type != "meta"
-               and len({(w.shape[1], w.dtype, w.device, linear.bias is None) for w, linear in zip(weights, linears)}) == 1)
-    if not fusable:
-        for linear in linears:
-            column_major_(linear)
+    if len({(w.shape[1], w.dtype, w.device, linear.bias is None) for w, linear in zip(weights, linears)}) > 1:
         return
-    fused = torch.cat([w.detach() for w in weights]).t().contiguous().t()  # [sum out, in], in-major
-    bias = None if linears[0].bias is None else torch.cat([linear.bias.detach() for linear in linears])
-    start = 0
-    for linear in linears:
-        rows = slice(start, start + linear.out_features)
-        linear.weight.data = fused[rows]
-        if bias is not None:
-            linear.bias.data = bias[rows]
-        start = rows.stop
-    groups[names] = FusedGroup(fused, bias, tuple(linear.out_features for linear in linears),
-                               tuple(linear.weight.data_ptr() for linear in linears))
+    if len(linears) == 1:
+        weight, bias = weights[0], linears[0].bias
+    else:
+        weight = torch.cat([w.detach() for w in weights]).t().contiguous().t()  # [sum out, in], in-major
+        bias = None if linears[0].bias is None else torch.cat([linear.bias.detach() for linear in linears])
+        start = 0
+        for linear in linears:
+            rows = slice(start, start + linear.out_features)
+            linear.weight.data = weight[rows]
+            if bias is not None:
+                linear.bias.data = bias[rows]
+            start = rows.stop
+    packed = packed_weight(weight)
+    if len(linears) == 1 and packed is None:
+        return  # a lone linear gains nothing from a group without the packed copy
+    groups[names] = FusedGroup(weight.detach(), None if bias is None else bias.detach(),
+                               tuple(linear.out_features for linear in linears),
+                               tuple(linear.weight.data_ptr() for linear in linears), packed, _versions(linears))
 
 
 def group_forward(module: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``tuple(getattr(module, n)(x) for n in names)``, as one GEMV when the group is fused and intact and
-    autograd is off (see the module docstring); the outputs are then views of one ``[..., sum out]`` tensor."""
+    """``tuple(getattr(module, n)(x) for n in names)``, as one linear when the group is laid out and intact
+    and autograd is off (see the module docstring); the outputs are then views of one ``[..., sum out]``."""
     group = module.__dict__.get(_GROUPS, {}).get(names)
     linears = [getattr(module, name) for name in names]
     if group is not None and not torch.is_grad_enabled() and _intact(group, linears):
-        return F.linear(x, group.weight, group.bias).split(group.sizes, dim=-1)
+        out = group.linear(x, linears)
+        return out.split(group.sizes, dim=-1) if len(names) > 1 else (out,)
     return tuple(linear(x) for linear in linears)

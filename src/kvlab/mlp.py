@@ -29,4 +29,4 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = group_forward(self, ("gate_proj", "up_proj"), x)
-        return self.down_proj(self.act(gate) * up)
+        return group_forward(self, ("down_proj",), self.act(gate) * up)[0]

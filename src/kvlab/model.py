@@ -14,7 +14,7 @@ from kvlab.cache import Cache
 from kvlab.config import ModelConfig
 from kvlab.errors import InputError, InputTypeError, KvlabError, UnsupportedError
 from kvlab.hyper_connections import HyperConnection, HyperHead, widen
-from kvlab.linear_layout import column_major_, fuse_
+from kvlab.linear_layout import fuse_, group_forward
 from kvlab.mlp import GatedMLP
 from kvlab.norms import RMSNorm
 from kvlab.per_layer_embeddings import PerLayerEmbeddings, PerLayerInput
@@ -132,6 +132,8 @@ def count_parameters(config: ModelConfig) -> int:
 
 
 class Model(nn.Module):
+    DECODE_GROUPS = (("lm_head",),)  # decode weight layout of the head (linear_layout.py)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         _check_buildable(config)
@@ -169,11 +171,11 @@ class Model(nn.Module):
     @torch.no_grad()
     def decode_layout_(self) -> None:
         """Lay out the weights of the one-token hot path for decode (``kvlab.linear_layout``): each module's
-        ``DECODE_GROUPS`` (full attention: q/k/v fused, o; MLP: gate/up fused, down) and the LM head (tied:
-        the embedding itself, whose row lookup does not care) column-major. Re-run after loading and after
-        ``.to()``, which replace the parameters."""
+        ``DECODE_GROUPS`` (full attention: q/k/v fused, o; MLP: gate/up fused, down; the LM head, tied: the
+        embedding itself, whose row lookup does not care), column-major and on CPU packed for oneDNN. Re-run
+        after loading and ``.to()`` (which replace the parameters) and before generating (after training
+        updated them in place); a no-op when nothing changed."""
         self._tie_embeddings()
-        column_major_(self.lm_head)
         for module in self.modules():
             for names in getattr(module, "DECODE_GROUPS", ()):
                 fuse_(module, names)
@@ -256,7 +258,7 @@ class Model(nn.Module):
         h = self.norm(h)
         if return_hidden:
             return h
-        logits = self.lm_head(h)
+        logits = group_forward(self, ("lm_head",), h)[0]
         if self.config.logit_softcap is not None:
             cap = self.config.logit_softcap
             logits = torch.tanh(logits / cap) * cap

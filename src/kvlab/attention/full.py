@@ -99,7 +99,7 @@ class FullAttention(nn.Module):
     A layer with ``kv_from`` has no k/v projections: it reads the producer's keys and values."""
 
     QKV = ("q_proj", "k_proj", "v_proj")
-    DECODE_GROUPS = (QKV, ("o_proj",))  # decode weight layout: q/k/v as one GEMV (linear_layout.py)
+    DECODE_GROUPS = (QKV, ("o_proj",))  # decode weight layout: q/k/v as one matmul (linear_layout.py)
 
     def __init__(self, spec: FullSpec, cfg, layer_idx: int):
         super().__init__()
@@ -150,7 +150,7 @@ class FullAttention(nn.Module):
             # [B, H, S, Dv]; a windowed producer's mask may be a Band: then block by block
             out = attend_in_blocks(lambda *qkvm: self.attend(*qkvm, ctx), q, k, v, mask)
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
-        return self.o_proj(apply_output_gate(self.g_proj, x, out, self.n_heads))
+        return group_forward(self, ("o_proj",), apply_output_gate(self.g_proj, x, out, self.n_heads))[0]
 
     def project(self, x: torch.Tensor, ctx: ForwardContext):
         """Rotated ``q [B, H, S, D]`` and, for a producer, rotated ``k`` and ``v [B, Hkv, S, D]``."""
