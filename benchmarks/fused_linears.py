@@ -1,11 +1,13 @@
-"""Fused decode groups against separate linears at SmolLM2-135M's shapes (``kvlab.linear_layout``).
+"""kvlab's decode weight layout against plain linears at SmolLM2-135M's shapes (``kvlab.linear_layout``).
 
-Per layer a decode step runs q/k/v (576 -> 576 + 192 + 192) and gate/up (576 -> 1,536 + 1,536) on the same
-input. kvlab stores each group as one column-major weight and runs one ``F.linear``; this times that against
-the three (two) separate column-major linears, over 30 layers' worth of distinct weights (so the caches do
-not serve them, as in the real model), at batch 1 (GEMV) and batch 16 (decode of 16 sequences). Both
-variants alternate round by round in one process; a ``torch.sum`` over 1 GiB probes read bandwidth in the
-same run, and each variant's read speed is weight bytes / time.
+Per layer a decode step runs q/k/v (576 -> 576 + 192 + 192), o (576 -> 576), gate/up (576 -> 1,536 + 1,536)
+and down (1,536 -> 576); then the LM head (576 -> 49,152). Variants, each over distinct weights (30 layers'
+worth; 2 copies of the head) so the caches do not serve them, as in the real model:
+- ``separate``: one column-major ``F.linear`` per member (MKL), what kvlab ran before fused groups;
+- ``fused``: one column-major ``F.linear`` over the group's concatenated weight, split (MKL);
+- ``packed``: the same through oneDNN on a weight reordered once (``torch.ops.mkldnn``), kvlab's CPU path.
+At batch 1 (GEMV) and 16 (decode of 16 sequences). Variants alternate round by round in one process; a
+``torch.sum`` over 1 GiB probes read bandwidth in the same run, and each read speed is weight bytes / time.
 
     python benchmarks/fused_linears.py            # batch 1 and 16, 2 threads
     python benchmarks/fused_linears.py --quick    # few rounds (validation)
@@ -26,8 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 from decode_bandwidth import cpu_flags, read_seconds  # noqa: E402
 
-GROUPS = {"q/k/v": (576, (576, 192, 192)), "gate/up": (576, (1536, 1536))}
-LAYERS = 30
+from kvlab.linear_layout import packed_weight  # noqa: E402
+
+GROUPS = {"q/k/v": (576, (576, 192, 192), 30), "o": (576, (576,), 30), "gate/up": (576, (1536, 1536), 30),
+          "down": (1536, (576,), 30), "LM head": (576, (49152,), 2)}  # input width, outputs, distinct copies
 
 
 def column_major(out: int, d_in: int, gen: torch.Generator) -> torch.Tensor:
@@ -56,14 +60,20 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(0)
     probe = torch.ones(2**28)  # 1 GiB fp32
     rows, data = [], []
-    for name, (d_in, outs) in GROUPS.items():
-        separate = [[column_major(out, d_in, gen) for out in outs] for _ in range(LAYERS)]
+    for name, (d_in, outs, copies) in GROUPS.items():
+        separate = [[column_major(out, d_in, gen) for out in outs] for _ in range(copies)]
         fused = [torch.cat(ws).t().contiguous().t() for ws in separate]  # what fuse_ builds
+        packed = [packed_weight(w) for w in fused]
         nbytes = sum(w.nbytes for w in fused)
         for batch in args.batches:
             x = torch.randn(batch, d_in, generator=gen)
             run = {"separate": lambda x=x, separate=separate: [F.linear(x, w) for ws in separate for w in ws],
                    "fused": lambda x=x, fused=fused, outs=outs: [F.linear(x, w).split(outs, -1) for w in fused]}
+            if packed[0] is not None:
+                run["packed"] = lambda x=x, packed=packed, outs=outs: [
+                    torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "").split(outs, -1) for w in packed]
+                torch.testing.assert_close(torch.ops.mkldnn._linear_pointwise(x, packed[0], None, "none", [], ""),
+                                           F.linear(x, fused[0]), atol=1e-4, rtol=1e-4)
             for ws_ref, w in zip(separate[:1], fused[:1]):  # same numbers, up to rounding
                 torch.testing.assert_close(torch.cat([F.linear(x, wi) for wi in ws_ref], -1), F.linear(x, w))
             times = {k: [] for k in run}
@@ -75,21 +85,22 @@ def main(argv: list[str] | None = None) -> None:
             seconds = {k: statistics.median(v) for k, v in times.items()}
             bandwidth = probe.nbytes / statistics.median(probes) / 1e9
             result = {"group": name, "batch": batch, "read_GBps": bandwidth, "weight_bytes": nbytes,
-                      **{f"{k}_ms_per_layer": s / LAYERS * 1e3 for k, s in seconds.items()},
+                      "copies": copies, **{f"{k}_ms": s / copies * 1e3 for k, s in seconds.items()},
                       **{f"{k}_GBps": nbytes / s / 1e9 for k, s in seconds.items()},
-                      "speedup": seconds["separate"] / seconds["fused"]}
+                      **{f"{k}_speedup": seconds["separate"] / s for k, s in seconds.items()}}
             data.append(result)
-            rows.append(f"| {name} | {batch} | {bandwidth:.1f} | {result['separate_ms_per_layer']:.3f} | "
-                        f"{result['fused_ms_per_layer']:.3f} | {result['separate_GBps']:.1f} | "
-                        f"{result['fused_GBps']:.1f} | {result['speedup']:.2f}x |")
+            cells = [f"{result[f'{k}_ms']:.3f} ({result[f'{k}_GBps']:.1f} GB/s, {result[f'{k}_speedup']:.2f}x)"
+                     if k in seconds else "-" for k in ("separate", "fused", "packed")]
+            rows.append(f"| {name} | {batch} | {bandwidth:.1f} | " + " | ".join(cells) + " |")
             print(rows[-1], flush=True)
-    lines = [f"# Fused decode groups vs separate linears (SmolLM2-135M shapes, fp32, {args.threads} threads)", "",
+    lines = [f"# Decode weight layout vs plain linears (SmolLM2-135M shapes, fp32, {args.threads} threads)", "",
              f"CPU flags: {' '.join(cpu_flags())}", "",
-             "| group | batch | probe read GB/s | separate ms/layer | fused ms/layer | separate GB/s | fused GB/s | "
-             "fused speed-up |", "|---|---|---|---|---|---|---|---|", *rows, "",
-             f"Medians of {rounds} alternating rounds (each 3 passes over {LAYERS} layers' distinct weights); GB/s = "
-             "weight bytes / time; probe: torch.sum over 1 GiB between rounds. Command: `python "
-             "benchmarks/fused_linears.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`"]
+             "| linears | batch | probe read GB/s | separate: ms (read GB/s, x) | fused | fused + packed (kvlab) |",
+             "|---|---|---|---|---|---|", *rows, "",
+             f"Milliseconds per layer (per copy of the head); x = speed-up over separate. Medians of {rounds} "
+             "alternating rounds (each 3 passes over the distinct weights); GB/s = weight bytes / time; probe: "
+             "torch.sum over 1 GiB between rounds. Command: `python benchmarks/fused_linears.py "
+             + " ".join(argv if argv is not None else sys.argv[1:]) + "`"]
     print("\n".join(lines))
     write_results("fused_linears" + ("_quick" if args.quick else ""), {"results": data}, "\n".join(lines))
 

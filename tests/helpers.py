@@ -29,7 +29,7 @@ def build(config: ModelConfig | dict, seed: int = 0) -> Model:
         for p in model.parameters():
             if p.dim() >= 2:
                 p.mul_(3.0)
-    return model
+    return model.eval()  # eval() re-packs the scaled weights for decode, as after a reload
 
 
 def decode_stepwise(model: Model, ids: torch.Tensor, chunks: list[int], attention_mask=None) -> tuple[torch.Tensor, object]:

@@ -4,6 +4,8 @@ or a checkpoint sees."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import build, tiny_config
@@ -114,6 +116,9 @@ def test_model_decode_equals_training_path_after_to_and_reload(tmp_path):
     assert loaded.layers[0].self_attn.__dict__[_GROUPS]
     assert ("lm_head",) in loaded.__dict__[_GROUPS] or not torch.backends.mkldnn.is_available()
     assert loaded.generate(ids, max_new_tokens=12).tokens == greedy
+    copied = copy.deepcopy(model).eval()  # the copy gets a layout of its own
+    assert copied.layers[0].self_attn.q_proj.weight.data_ptr() != model.layers[0].self_attn.q_proj.weight.data_ptr()
+    torch.testing.assert_close(copied(ids), fused, atol=0, rtol=0)
     wide = model.to(torch.float64)
     attn = wide.layers[0].self_attn
     group = attn.__dict__[_GROUPS][attn.QKV]

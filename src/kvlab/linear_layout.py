@@ -60,6 +60,11 @@ class FusedGroup:
     versions: tuple[int, ...] = ()  # each member's weight._version when packed: an in-place update since
     #                                 (an optimizer step) makes the packed copy stale
 
+    def __deepcopy__(self, memo) -> None:
+        """Not copied: a deep-copied module's parameters are new tensors, not views of ``weight`` (and the
+        packed copy cannot be copied); its layout is re-done by ``fuse_`` (``eval()``, ``.to()``)."""
+        return None
+
     def linear(self, x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
         """``x @ weight.T + bias``, on the packed copy while it is current."""
         if self.packed is not None and x.dtype == torch.float32 and _versions(linears) == self.versions:

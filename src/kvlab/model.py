@@ -180,6 +180,14 @@ class Model(nn.Module):
             for names in getattr(module, "DECODE_GROUPS", ()):
                 fuse_(module, names)
 
+    def train(self, mode: bool = True) -> Model:
+        """``nn.Module.train``; switching to eval mode also re-packs weights a training step updated in
+        place (``decode_layout_``), so inference runs the same arithmetic as after a reload."""
+        super().train(mode)
+        if not mode:
+            self.decode_layout_()
+        return self
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         if hasattr(self, "layers"):  # not while __init__ builds the model

@@ -108,9 +108,10 @@ def workspace(slot: str, shape: tuple[int, ...], device, dtype: torch.dtype = to
     buffers = getattr(_WORKSPACE, "buffers", None)
     if buffers is None:
         buffers = _WORKSPACE.buffers = {}
-    buffer = buffers.get((slot, dtype))
+    key = (slot, dtype, torch.is_inference_mode_enabled())  # an inference tensor is written only in inference mode
+    buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel or buffer.device != torch.device(device):
-        buffer = buffers[(slot, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buffer[:numel].view(shape)
 
 
@@ -253,7 +254,10 @@ class QuantizedKVCacheLayer(CacheLayer):
 
         Two passes in float32: the scores ``[B, Hkv, M, T]``, one softmax, then the values. ``mask
         [B|1, 1, M, T]`` bool or None. Equals ``attend_reference`` (dequantize, then attend) up to float
-        rounding."""
+        rounding. Under autograd (a training forward through the cache) it is ``attend_reference``: the
+        workspaces are overwritten in place, which autograd cannot differentiate through."""
+        if torch.is_grad_enabled():
+            return self.attend_reference(q, k, v, mask, scale)
         self.length += k.shape[2]
         self.k.push(k)
         self.v.push(v)
