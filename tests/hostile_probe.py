@@ -529,6 +529,15 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
+def mapped_bytes() -> int:
+    """This process's virtual address space (``VmSize``): a forked child inherits the test process's, which
+    grows with the models earlier tests in that worker built and their packed decode weights."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def run_case(fx: dict, name: str, what, expect: str, timeout: float = 60.0) -> str | None:
     """None when the case keeps the promise, else why not."""
     root = fx["root"]
@@ -538,7 +547,8 @@ def run_case(fx: dict, name: str, what, expect: str, timeout: float = 60.0) -> s
     if pid == 0:  # child
         code = 99
         try:
-            resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+            limit = mapped_bytes() + 8 * 2**30  # 8 GiB beyond what the (forked) test process already maps
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
             fo, fe = os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(fo, 1)
             os.dup2(fe, 2)

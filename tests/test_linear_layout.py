@@ -135,3 +135,13 @@ def test_layout_redone_under_inference_mode_still_trains():
     loss = sum(out.sum() for out in group_forward(module, NAMES, torch.randn(2, 6)))
     loss.backward()
     assert module.a.weight.grad is not None
+
+
+def test_model_built_under_inference_mode():
+    """Parameters made under inference mode are inference tensors (no version counter): still laid out."""
+    ids = torch.randint(0, 97, (1, 7))
+    with torch.inference_mode():
+        model = build(tiny_config(LAYERS))
+        logits = model(ids)
+        assert model.layers[0].self_attn.__dict__[_GROUPS]
+    torch.testing.assert_close(logits, build(tiny_config(LAYERS))(ids).detach(), atol=1e-5, rtol=1e-5)

@@ -73,7 +73,16 @@ class FusedGroup:
 
 
 def _versions(linears: list[nn.Linear]) -> tuple[int, ...]:
-    return tuple(linear.weight._version for linear in linears)
+    """The members' weight versions (-1: a parameter made under inference mode, which tracks none and
+    cannot be trained)."""
+    return tuple(map(_version, linears))
+
+
+def _version(linear: nn.Linear) -> int:
+    try:
+        return linear.weight._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return -1
 
 
 def _members(module: nn.Module, names: tuple[str, ...]) -> list[nn.Linear] | None:
@@ -87,13 +96,21 @@ def _intact(group: FusedGroup, linears: list[nn.Linear]) -> bool:
                for linear, pointer in zip(linears, group.pointers))
 
 
-@torch.inference_mode(False)  # the fused weight becomes the parameters' storage: never an inference tensor
-@torch.no_grad()
 def fuse_(module: nn.Module, names: tuple[str, ...]) -> None:
     """Lay out ``module``'s linears ``names`` for decode (see the module docstring): several that share their
     input width, dtype, device and bias-ness become one fused group, one becomes a group of its own; each
     is column-major and, on CPU, packed. Missing members (a ``kv_from`` layer has no k/v) leave the linears
-    column-major only. Re-running is a no-op unless the weights were replaced or updated since."""
+    column-major only. Re-running is a no-op unless the weights were replaced or updated since.
+
+    The new storage is made in the parameters' own mode: normal tensors for normal parameters (also when
+    called under inference mode, as ``generate`` does: they may be trained later), inference tensors for
+    parameters made under inference mode."""
+    present = [getattr(module, name) for name in names if isinstance(getattr(module, name, None), nn.Linear)]
+    with torch.inference_mode(any(linear.weight.is_inference() for linear in present)), torch.no_grad():
+        _fuse(module, names, present)
+
+
+def _fuse(module: nn.Module, names: tuple[str, ...], present: list[nn.Linear]) -> None:
     linears = _members(module, names)
     groups = module.__dict__.setdefault(_GROUPS, {})
     group = groups.pop(names, None)
@@ -103,7 +120,6 @@ def fuse_(module: nn.Module, names: tuple[str, ...]) -> None:
                                _versions(linears))
         groups[names] = group
         return
-    present = [getattr(module, name) for name in names if isinstance(getattr(module, name, None), nn.Linear)]
     for linear in present:
         column_major_(linear)
     if linears is None or linears[0].weight.device.type == "meta":
@@ -123,7 +139,8 @@ def fuse_(module: nn.Module, names: tuple[str, ...]) -> None:
             if bias is not None:
                 linear.bias.data = bias[rows]
             start = rows.stop
-    packed = packed_weight(weight)
+    # a packed copy must be able to go stale visibly: not for parameters without a version counter
+    packed = packed_weight(weight) if -1 not in _versions(linears) else None
     if len(linears) == 1 and packed is None:
         return  # a lone linear gains nothing from a group without the packed copy
     groups[names] = FusedGroup(weight.detach(), None if bias is None else bias.detach(),
