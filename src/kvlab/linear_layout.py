@@ -6,7 +6,8 @@ GEMMs. Measured at SmolLM2-135M's shapes (``benchmarks/fused_linears.py``):
 - one matmul over a wider weight beats several narrow ones (fewer calls; MKL's single-call GEMV bandwidth
   grows with the output width: on a 2-core EPYC 12 GB/s at 576 outputs, 16 at 960, 20 at 3,072);
 - oneDNN's linear on a weight reordered once into its blocked layout (``torch.ops.mkldnn``, what inductor's
-  CPU freezing uses) beats MKL on the plain weight: 1.2-1.5x at one row, 2-3x at 16 rows on that EPYC;
+  CPU freezing uses) beats MKL on the plain weight at 2 threads, 1.2-1.5x at one row and 1.3-2.4x at 16
+  rows on that EPYC, but is 1.5x slower at 1 thread: it is used where ``packed_pays`` measured it faster;
 - without oneDNN, a column-major weight (``[out, in]`` stored ``in``-major) makes MKL's GEMV 1.3-1.9x faster.
 
 A *fused group* keeps each member an ordinary ``nn.Linear`` with its usual name, shape and values (state
@@ -21,6 +22,8 @@ bumps their versions: the stale packed copy is then skipped for the fused tensor
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -66,10 +69,55 @@ class FusedGroup:
         return None
 
     def linear(self, x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
-        """``x @ weight.T + bias``, on the packed copy while it is current."""
-        if self.packed is not None and x.dtype == torch.float32 and _versions(linears) == self.versions:
+        """``x @ weight.T + bias``, on the packed copy while it is current and where it was measured faster."""
+        if (self.packed is not None and x.dtype == torch.float32 and _versions(linears) == self.versions
+                and packed_pays(self.weight, x.numel() // x.shape[-1])):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+PACKED_MARGIN = 1.05  # oneDNN must be this much faster than MKL to be used
+_PACKED_PAYS: dict[tuple[int, int], bool] = {}  # (threads, rows bucket) -> measured, once per process
+
+
+def _rows_bucket(rows: int) -> int:
+    """Rows a decision is measured at: 1 (batch-1 decode), 16 (batched decode), 256 (prefill)."""
+    return 1 if rows <= 1 else 16 if rows <= 32 else 256
+
+
+def packed_pays(weight: torch.Tensor, rows: int) -> bool:
+    """Whether oneDNN on packed weights beats ``F.linear`` on this machine, at this thread count and about
+    ``rows`` rows: measured once per process and key (~0.3 s) on copies of the first weight asked about (a
+    model's first q/k/v), never assumed. On a 2-core EPYC it wins 1.2-2.4x at 2 threads for most of
+    SmolLM2's linears (MKL's one-row GEMV runs on one thread there) but loses at 1 thread
+    (``benchmarks/fused_linears.py``)."""
+    key = (torch.get_num_threads(), _rows_bucket(rows))
+    if key not in _PACKED_PAYS:
+        _PACKED_PAYS[key] = _measure_packed(weight, key[1]) >= PACKED_MARGIN
+    return _PACKED_PAYS[key]
+
+
+@torch.no_grad()
+def _measure_packed(weight: torch.Tensor, rows: int) -> float:
+    """MKL time / oneDNN time of ``x [rows, in] @ weight.T``: medians of 7 interleaved passes over copies of
+    ``weight`` (128 MiB of them for one row, so they come from memory as in a model's step, not from a
+    large L3; 16 MiB for more rows, which compute more per byte)."""
+    budget = (128 if rows == 1 else 16) << 20
+    weight = weight[: max(1, (budget // 2) // (weight.shape[1] * weight.element_size()))]  # an LM head: a slice
+    copies = max(2, min(256, budget // max(weight.nbytes, 1)))
+    dense = [weight.detach().clone(memory_format=torch.preserve_format) for _ in range(copies)]
+    packed = [packed_weight(w) for w in dense]
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    passes = {"mkl": lambda: [F.linear(x, w) for w in dense],
+              "onednn": lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in packed]}
+    seconds: dict[str, list[float]] = {name: [] for name in passes}
+    for i in range(8):  # the first round warms up
+        for name, run in passes.items():
+            start = time.perf_counter()
+            run()
+            if i:
+                seconds[name].append(time.perf_counter() - start)
+    return statistics.median(seconds["mkl"]) / statistics.median(seconds["onednn"])
 
 
 def _versions(linears: list[nn.Linear]) -> tuple[int, ...]:
