@@ -66,8 +66,13 @@ for line in sys.stdin:
             cpu.append(time.process_time() - c0)
             tokens.append(int(token))
         caches[ctx] = (cache, token)
+    try:  # which linear kernel this tree's layout measured faster (kvlab.linear_layout; absent in old trees)
+        from kvlab.linear_layout import _PACKED_PAYS
+        layout = {f"{t} threads, {r} rows": "oneDNN packed" if v else "MKL" for (t, r), v in _PACKED_PAYS.items()}
+    except ImportError:
+        layout = None
     print(json.dumps({"times": times, "cpu": cpu, "bytes": weight_bytes + held, "weights": weight_bytes, "cache": held,
-                      "tokens": tokens}), flush=True)
+                      "tokens": tokens, "layout": layout}), flush=True)
 """
 
 
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                          "bytes_per_step": info[name]["bytes"],
                          "weights_bytes": info[name]["weights"], "cache_bytes": info[name]["cache"],
                          "effective_GBps": info[name]["bytes"] / step / 1e9,
-                         "fraction_of_bandwidth": info[name]["bytes"] / step / bw}
+                         "fraction_of_bandwidth": info[name]["bytes"] / step / bw, "linears": info[name]["layout"]}
         if "old" in workers:
             row["speedup_new_vs_old"] = row["old"]["step_ms"] / row["new"]["step_ms"]
             row["wall_speedup_new_vs_old"] = row["old"]["wall_step_ms"] / row["new"]["wall_step_ms"]
@@ -183,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
             old = row["old"]
             line += f" {old['tok_s']:.1f} | {old['fraction_of_bandwidth']:.2f} | {row['speedup_new_vs_old']:.2f} | {row['same_greedy_tokens']} |"
         lines.append(line)
-    lines += ["", f"Medians over {args.rounds} rounds x {args.steps} steps; bandwidth: torch.sum over 1 GiB fp32 "
+    lines += ["", f"This tree's linears (``linear_layout.packed_pays``, measured in the worker): {rows[-1]['new']['linears']}.",
+              "", f"Medians over {args.rounds} rounds x {args.steps} steps; bandwidth: torch.sum over 1 GiB fp32 "
               "between rounds. Command: `python benchmarks/decode_bandwidth.py "
               + " ".join(argv if argv is not None else sys.argv[1:]) + "`"]
     print("\n".join(lines))

@@ -5,7 +5,8 @@ and down (1,536 -> 576); then the LM head (576 -> 49,152). Variants, each over d
 worth; 2 copies of the head) so the caches do not serve them, as in the real model:
 - ``separate``: one column-major ``F.linear`` per member (MKL), what kvlab ran before fused groups;
 - ``fused``: one column-major ``F.linear`` over the group's concatenated weight, split (MKL);
-- ``packed``: the same through oneDNN on a weight reordered once (``torch.ops.mkldnn``), kvlab's CPU path.
+- ``packed``: the same through oneDNN on a weight reordered once (``torch.ops.mkldnn``), kvlab's CPU path
+  where ``packed_pays`` measures it faster (the last column says which one kvlab runs here).
 At batch 1 (GEMV) and 16 (decode of 16 sequences). Variants alternate round by round in one process; a
 ``torch.sum`` over 1 GiB probes read bandwidth in the same run, and each read speed is weight bytes / time.
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 from decode_bandwidth import cpu_flags, read_seconds  # noqa: E402
 
-from kvlab.linear_layout import packed_weight  # noqa: E402
+from kvlab.linear_layout import packed_pays, packed_weight  # noqa: E402
 
 GROUPS = {"q/k/v": (576, (576, 192, 192), 30), "o": (576, (576,), 30), "gate/up": (576, (1536, 1536), 30),
           "down": (1536, (576,), 30), "LM head": (576, (49152,), 2)}  # input width, outputs, distinct copies
@@ -89,15 +90,18 @@ def main(argv: list[str] | None = None) -> None:
                       **{f"{k}_GBps": nbytes / s / 1e9 for k, s in seconds.items()},
                       **{f"{k}_speedup": seconds["separate"] / s for k, s in seconds.items()}}
             data.append(result)
+            result["kvlab_runs"] = "packed" if packed[0] is not None and packed_pays(fused[0], batch) else "fused"
             cells = [f"{result[f'{k}_ms']:.3f} ({result[f'{k}_GBps']:.1f} GB/s, {result[f'{k}_speedup']:.2f}x)"
                      if k in seconds else "-" for k in ("separate", "fused", "packed")]
-            rows.append(f"| {name} | {batch} | {bandwidth:.1f} | " + " | ".join(cells) + " |")
+            rows.append(f"| {name} | {batch} | {bandwidth:.1f} | " + " | ".join(cells) + f" | {result['kvlab_runs']} |")
             print(rows[-1], flush=True)
     lines = [f"# Decode weight layout vs plain linears (SmolLM2-135M shapes, fp32, {args.threads} threads)", "",
              f"CPU flags: {' '.join(cpu_flags())}", "",
-             "| linears | batch | probe read GB/s | separate: ms (read GB/s, x) | fused | fused + packed (kvlab) |",
-             "|---|---|---|---|---|---|", *rows, "",
-             f"Milliseconds per layer (per copy of the head); x = speed-up over separate. Medians of {rounds} "
+             "| linears | batch | probe read GB/s | separate: ms (read GB/s, x) | fused | fused + packed | kvlab runs |",
+             "|---|---|---|---|---|---|---|", *rows, "",
+             "Milliseconds per layer (per copy of the head); x = speed-up over separate. kvlab runs: what "
+             "`linear_layout.packed_pays` chose in this process (measured once per thread count and rows bucket "
+             f"on the first weight asked, here q/k/v). Medians of {rounds} "
              "alternating rounds (each 3 passes over the distinct weights); GB/s = weight bytes / time; probe: "
              "torch.sum over 1 GiB between rounds. Command: `python benchmarks/fused_linears.py "
              + " ".join(argv if argv is not None else sys.argv[1:]) + "`"]
