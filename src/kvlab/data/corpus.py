@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from kvlab.errors import KvlabError
+from kvlab.safe_io import regular_file
 
 SPLITS = ("train", "val", "test")
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ""}
@@ -87,6 +88,7 @@ def load_corpus(path: str | Path | None = None, max_chars: int | None = None) ->
 
 
 def _read(path: Path) -> str:
+    regular_file(path, "corpus file")  # a device (/dev/zero) or FIFO would be read without end
     try:
         return path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
