@@ -42,6 +42,8 @@ torch.set_num_threads(int(sys.argv[3]))
 sys.path.insert(0, sys.argv[1])
 from _smollm2 import load_model
 model = load_model(sys.argv[2]).eval()
+if hasattr(model, "pack_linears_"):  # oneDNN-packed linears where measured faster (opt-in, kvlab.linear_layout)
+    model.pack_linears_()
 params = {id(p): p for p in model.parameters()}
 weight_bytes = sum(p.nbytes for p in params.values())
 if model.lm_head.weight is not model.embed_tokens.weight:  # untied: the lookup reads one row, not the table

@@ -257,7 +257,7 @@ def main() -> None:
         raise SystemExit("no vLLM venv: set KVLAB_VLLM_PYTHON or build .venv-vllm (`make engines`)")
     torch.set_num_threads(args.threads)
     prompts = test_prompts(max(batches), args.prompt)
-    base = kvlab.load(DEFAULT).eval()
+    base = kvlab.load(DEFAULT).eval().pack_linears_()  # oneDNN-packed linears where measured faster (opt-in)
     kv = args.vllm_kv_gib or kv_gib(base, max(batches), args.prompt + args.new)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -267,7 +267,7 @@ def main() -> None:
         worker = VllmWorker(python, args.threads, kv, Path(tmp) / "vllm.log", args.vllm_ld_preload)
         try:
             for dtype in dtypes:
-                model = base if dtype == "float32" else kvlab.load(DEFAULT, dtype=dtype).eval()
+                model = base if dtype == "float32" else kvlab.load(DEFAULT, dtype=dtype).eval().pack_linears_()
                 for batch in batches:
                     row = measure(model, worker, folder, dtype, prompts[:batch], args.new, args.repeats, args.warmup)
                     rows.append(row)

@@ -35,7 +35,7 @@ def test_fused_group_equals_members_and_keeps_names(bias):
     x = torch.randn(2, 3, 6)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     expected = separate(module, x)
-    fuse_(module, NAMES)
+    fuse_(module, NAMES, pack=True)
     group = module.__dict__[_GROUPS][NAMES]
     assert (group.packed is not None) == torch.backends.mkldnn.is_available()  # CPU fp32: a oneDNN copy
     state = module.state_dict()
@@ -48,7 +48,7 @@ def test_fused_group_equals_members_and_keeps_names(bias):
 
 def test_training_updates_reach_the_fused_weight_and_gradients_reach_members():
     module = members(bias=True)
-    fuse_(module, NAMES)
+    fuse_(module, NAMES, pack=True)
     x = torch.randn(4, 6)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
     sum(out.square().sum() for out in group_forward(module, NAMES, x)).backward()  # grad mode: members
@@ -58,7 +58,7 @@ def test_training_updates_reach_the_fused_weight_and_gradients_reach_members():
         for got, want in zip(group_forward(module, NAMES, x), separate(module, x)):
             torch.testing.assert_close(got, want)
     stale = module.__dict__[_GROUPS][NAMES]
-    fuse_(module, NAMES)  # re-packs (generate() does this before decoding)
+    fuse_(module, NAMES, pack=True)  # re-packs (generate() does this before decoding)
     fresh = module.__dict__[_GROUPS][NAMES]
     assert fresh.weight is stale.weight and (fresh.packed is None or fresh.packed is not stale.packed)
     with torch.no_grad():
@@ -114,7 +114,11 @@ def test_model_decode_equals_training_path_after_to_and_reload(tmp_path):
     model.save(tmp_path / "m")
     loaded = kvlab.load(tmp_path / "m").eval()
     assert loaded.layers[0].self_attn.__dict__[_GROUPS]
+    assert ("lm_head",) not in loaded.__dict__[_GROUPS]  # packing is opt-in
+    loaded.pack_linears_()
     assert ("lm_head",) in loaded.__dict__[_GROUPS] or not torch.backends.mkldnn.is_available()
+    torch.testing.assert_close(loaded(ids), fused, atol=1e-4, rtol=1e-4)
+    assert loaded.generate(ids, max_new_tokens=12).tokens == greedy
     assert loaded.generate(ids, max_new_tokens=12).tokens == greedy
     copied = copy.deepcopy(model).eval()  # the copy gets a layout of its own
     assert copied.layers[0].self_attn.q_proj.weight.data_ptr() != model.layers[0].self_attn.q_proj.weight.data_ptr()

@@ -1,5 +1,5 @@
 """Weight layout of the one-token hot path: groups of linears that read the same input (q/k/v, gate/up) run
-as one matmul, and on CPU every hot-path linear runs on a oneDNN-packed copy of its weight.
+as one matmul, and (opt-in, ``Model.pack_linears_()``) on CPU through oneDNN on packed copies of the weights.
 
 Decode at batch 1 reads every weight once per token, so it is a chain of GEMVs; at batch 16 a chain of thin
 GEMMs. Measured at SmolLM2-135M's shapes (``benchmarks/fused_linears.py``):
@@ -13,7 +13,8 @@ GEMMs. Measured at SmolLM2-135M's shapes (``benchmarks/fused_linears.py``):
 A *fused group* keeps each member an ordinary ``nn.Linear`` with its usual name, shape and values (state
 dicts, checkpoints and exports see nothing new), but its ``weight`` (and ``bias``) become row blocks of one
 column-major tensor ``[sum out, in]``; a one-member group is the linear itself. The packed copy is the only
-extra memory (one more copy of the hot-path weights, CPU only). ``group_forward`` runs one linear and splits
+extra memory (one more copy of the hot-path weights, CPU only: opt-in, since a comparison holding eleven
+SmolLM2 variants at once outgrew a 24 GiB machine with it). ``group_forward`` runs one linear and splits
 its output -- only without autograd (gradients flow only through the members' own forward) and only while
 every member still is its view (``param.data = ...``, ``.to()`` or a hook on a member falls back to the
 members' own forward until the layout is re-done). An in-place update of the weights (an optimizer step)
@@ -144,28 +145,30 @@ def _intact(group: FusedGroup, linears: list[nn.Linear]) -> bool:
                for linear, pointer in zip(linears, group.pointers))
 
 
-def fuse_(module: nn.Module, names: tuple[str, ...]) -> None:
+def fuse_(module: nn.Module, names: tuple[str, ...], pack: bool = False) -> None:
     """Lay out ``module``'s linears ``names`` for decode (see the module docstring): several that share their
     input width, dtype, device and bias-ness become one fused group, one becomes a group of its own; each
     is column-major and, on CPU, packed. Missing members (a ``kv_from`` layer has no k/v) leave the linears
-    column-major only. Re-running is a no-op unless the weights were replaced or updated since.
+    column-major only. Re-running is a no-op unless the weights were replaced or updated since. ``pack``:
+    keep a oneDNN-packed copy too (CPU fp32; one more copy of the weights, so opt-in).
 
     The new storage is made in the parameters' own mode: normal tensors for normal parameters (also when
     called under inference mode, as ``generate`` does: they may be trained later), inference tensors for
     parameters made under inference mode."""
     present = [getattr(module, name) for name in names if isinstance(getattr(module, name, None), nn.Linear)]
     with torch.inference_mode(any(linear.weight.is_inference() for linear in present)), torch.no_grad():
-        _fuse(module, names, present)
+        _fuse(module, names, present, pack)
 
 
-def _fuse(module: nn.Module, names: tuple[str, ...], present: list[nn.Linear]) -> None:
+def _fuse(module: nn.Module, names: tuple[str, ...], present: list[nn.Linear], pack: bool) -> None:
     linears = _members(module, names)
     groups = module.__dict__.setdefault(_GROUPS, {})
     group = groups.pop(names, None)
-    if group is not None and linears is not None and _intact(group, linears):
-        if group.packed is not None and _versions(linears) != group.versions:  # updated in place: re-pack
-            group = FusedGroup(group.weight, group.bias, group.sizes, group.pointers, packed_weight(group.weight),
-                               _versions(linears))
+    if group is not None and linears is not None and _intact(group, linears):  # keep the fused tensor
+        stale = group.packed is not None and _versions(linears) != group.versions  # updated in place
+        if not pack or stale or group.packed is None:
+            fresh = packed_weight(group.weight) if pack and -1 not in _versions(linears) else None
+            group = FusedGroup(group.weight, group.bias, group.sizes, group.pointers, fresh, _versions(linears))
         groups[names] = group
         return
     for linear in present:
@@ -188,7 +191,7 @@ def _fuse(module: nn.Module, names: tuple[str, ...], present: list[nn.Linear]) -
                 linear.bias.data = bias[rows]
             start = rows.stop
     # a packed copy must be able to go stale visibly: not for parameters without a version counter
-    packed = packed_weight(weight) if -1 not in _versions(linears) else None
+    packed = packed_weight(weight) if pack and -1 not in _versions(linears) else None
     if len(linears) == 1 and packed is None:
         return  # a lone linear gains nothing from a group without the packed copy
     groups[names] = FusedGroup(weight.detach(), None if bias is None else bias.detach(),
