@@ -3,7 +3,9 @@
 Models: random-init kvlab configs of SmolLM2-135M's shape (30 GQA-3 layers, d 576; weights do not change
 speed), one per cache: fp32, int8, int4, and int8 / int4 on the reference read path (``append``'s full-size
 dequantized copy, the pre-issue-17 behaviour; forced by marking each layer as having a ``kv_from``
-consumer). The codes path reads the codes block by block (``QuantizedKVCacheLayer.attend``).
+consumer). The codes path reads the codes block by block (``QuantizedKVCacheLayer.attend``). With
+``--batch`` above 1, "int8 / int4 2048-token blocks" time the same path with the block size fixed at 2048
+tokens, as before the workspace bound (``quantized.block_tokens``): the same-run before/after of that bound.
 
 Each cache is filled to the context through the layers' own ``append`` (random K/V: values do not change
 speed; the quantized layers quantize them as a prefill would), then one-token steps are timed, the
@@ -13,6 +15,7 @@ counted. Rows give the step time ratio against fp32 measured in the same rounds.
 
     python benchmarks/kv_quant_decode.py            # contexts 2048 and 8192
     python benchmarks/kv_quant_decode.py --quick    # 512, 2 layers (validation)
+    python benchmarks/kv_quant_decode.py --batch 16 --contexts 4096 --threads 2 --clock wall
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+import kvlab.cache.quantized as quantized
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 from _smollm2 import shaped_config, timed_steps, timing_args  # noqa: E402
@@ -33,6 +38,7 @@ from kvlab import Model, ModelConfig  # noqa: E402
 
 VARIANTS = {"fp32": {}, "int8": {"kv_quant": "int8"}, "int8 reference": {"kv_quant": "int8"},
             "int4": {"kv_quant": "int4"}, "int4 reference": {"kv_quant": "int4"}}
+FIXED = {"int8 2048-token blocks": {"kv_quant": "int8"}, "int4 2048-token blocks": {"kv_quant": "int4"}}
 
 
 def build(layer: dict, n_layers: int, reference: bool) -> Model:
@@ -45,14 +51,14 @@ def build(layer: dict, n_layers: int, reference: bool) -> Model:
 
 
 @torch.inference_mode()
-def filled_cache(model: Model, context: int, chunk: int = 1024):
+def filled_cache(model: Model, context: int, batch: int = 1, chunk: int = 1024):
     """A cache holding ``context`` random tokens in every layer, written through the layers' ``append``."""
-    cache = model.new_cache(1, max_length=context + 256)
+    cache = model.new_cache(batch, max_length=context + 256)
     gen = torch.Generator().manual_seed(context)
     for layer in cache.layers:
         for start in range(0, context, chunk):
             n = min(chunk, context - start)
-            k, v = (torch.randn(1, 3, n, 64, generator=gen) for _ in range(2))
+            k, v = (torch.randn(batch, 3, n, 64, generator=gen) for _ in range(2))
             layer.append(k, v)
     cache.step = context
     return cache
@@ -61,23 +67,29 @@ def filled_cache(model: Model, context: int, chunk: int = 1024):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", type=int, nargs="*", default=[2048, 8192])
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoding together (default 1)")
     timing_args(parser, rounds=5, steps=4)
     args = parser.parse_args(argv)
-    name = "kv_quant_decode"
+    name = "kv_quant_decode" + (f"_batch{args.batch}" if args.batch > 1 else "")
     if args.quick:
         args.contexts, args.layers, args.rounds, args.steps, name = [512], 2, 2, 2, name + "_quick"
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    models = {v: build(layer, args.layers, v.endswith("reference")) for v, layer in VARIANTS.items()}
+    variants = VARIANTS | (FIXED if args.batch > 1 else {})
+    models = {v: build(layer, args.layers, v.endswith("reference")) for v, layer in variants.items()}
     rows = []
     for context in args.contexts:
-        caches = {v: filled_cache(m, context) for v, m in models.items()}
+        caches = {v: filled_cache(m, context, args.batch) for v, m in models.items()}
         held = {v: c.nbytes for v, c in caches.items()}
         samples = {v: [] for v in models}
         for r in range(args.rounds + 1):  # round 0 warms up
             order = list(models) if r % 2 == 0 else list(reversed(models))
             for v in order:
+                bound = quantized.WORKSPACE_BYTES
+                if v in FIXED:  # the block size before the workspace bound: always BLOCK tokens
+                    quantized.WORKSPACE_BYTES = 1 << 62
                 t = timed_steps(models[v], caches[v], args.steps, clock)
+                quantized.WORKSPACE_BYTES = bound
                 if r:
                     samples[v] += t
         base = statistics.median(samples["fp32"])
@@ -87,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                          "cache_bytes": held[v], "cache_ratio_vs_fp32": held[v] / held["fp32"]})
             print(rows[-1], flush=True)
         del caches
-    lines = [f"# Quantized KV decode vs fp32 KV (SmolLM2-135M shape, {args.layers} layers, batch 1, "
+    lines = [f"# Quantized KV decode vs fp32 KV (SmolLM2-135M shape, {args.layers} layers, batch {args.batch}, "
              f"{args.threads} thread(s), {args.clock} clock)", "",
              "| context | cache | step ms | step time / fp32 | cache bytes / fp32 |", "|---|---|---|---|---|"]
     lines += [f"| {r['context']} | {r['variant']} | {r['step_ms']:.1f} | {r['ratio_vs_fp32']:.2f} | "
@@ -96,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
               "full-size dequantized copy per step (before issue 17). Command: `python benchmarks/kv_quant_decode.py "
               + " ".join(argv if argv is not None else sys.argv[1:]) + "`"]
     print("\n".join(lines))
-    write_results(name, {"layers": args.layers, "threads": args.threads, "clock": args.clock, "rows": rows},
+    write_results(name, {"layers": args.layers, "batch": args.batch, "threads": args.threads, "clock": args.clock,
+                         "rows": rows},
                   "\n".join(lines))
 
 

@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--max-batch", type=int, default=16, help="cap on the measured batch (CPU time)")
     parser.add_argument("--sweep", type=int, nargs="*", default=[1, 2, 4, 8], help="source batches timed")
+    parser.add_argument("--packed", action="store_true", help="oneDNN-packed linears where measured faster "
+                        "(Model.pack_linears_, as kvlab compare's serving columns run)")
     timing_args(parser, rounds=3, steps=2)
     args = parser.parse_args(argv)
     name = "serving_budget"
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         fit = budget // per_seq
         batch = max(min(fit, args.max_batch), 1)
         torch.manual_seed(0)
-        model = share_weights(Model(ModelConfig.from_dict(config)).eval(), runs)
+        model = share_weights(Model(ModelConfig.from_dict(config)).eval(), runs).pack_linears_(args.packed)
         cache = model.new_cache(batch, max_length=args.context + args.steps * (args.rounds + 1) * 4)
         fill(cache, args.context)
         planned = kvlab.plan(config, context=args.context, batch=batch).total_bytes
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
         point["gain_vs_previous"] = point["aggregate_tok_s"] / prev["aggregate_tok_s"]
     bound = next((p["batch"] for p in curve[1:] if p["gain_vs_previous"] < 1.15), None)
     lines = [f"# Serving at a {args.budget_gib:g} GiB KV budget, context {args.context} "
-             f"(SmolLM2-135M shape, {args.layers} layers, fp32, {args.threads} thread(s), {args.clock} clock)", "",
+             f"(SmolLM2-135M shape, {args.layers} layers, fp32, {args.threads} thread(s), {args.clock} clock"
+             + (", packed linears" if args.packed else "") + ")", "",
              "| variant | KV per sequence | sequences fit | per GiB | k (cache smaller) | fit / (k x source fit) | "
              "measured batch | aggregate tok/s | live == plan |", "|---" * 9 + "|"]
     for row in rows:
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(lines))
     write_results(name, {"budget_bytes": budget, "context": args.context, "layers": args.layers,
                          "max_batch": args.max_batch, "threads": args.threads, "clock": args.clock,
+                         "packed": args.packed,
                          "rows": rows, "source_curve": curve, "compute_bound_from_batch": bound},
                   "\n".join(lines))
 

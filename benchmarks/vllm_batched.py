@@ -10,17 +10,22 @@ split (SmolLM2's tokenizer), the same ids for both, given to vLLM as prompt toke
 
 vLLM settings: ``enforce_eager=True`` (no torch.compile: eager PyTorch, like kvlab; compiling would also
 cost minutes per start on this CPU), prefix caching off (every repeat recomputes its prefill), greedy,
-EOS ignored, ``max_num_seqs`` = the batch, ``max_model_len`` = prompt + new tokens, the CPU defaults
-otherwise (chunked prefill, 4,096 batched tokens a step, 128-token blocks), KV memory
+EOS ignored, ``max_num_seqs`` = the batch, ``max_model_len`` = prompt + new tokens, ``max_num_batched_tokens``
+= batch x prompt (the whole batch prefills in one engine step, as in kvlab's one forward, instead of the CPU
+default of 4,096 tokens a step, which starts decoding early requests while later ones still prefill), stats
+on (``disable_log_stats=False``: per-request engine timestamps), the CPU defaults otherwise (128-token
+blocks), KV memory
 ``VLLM_CPU_KVCACHE_SPACE`` sized to the batch. The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING
 =0``: the uni executor, no scheduler process polling another core) with ``OMP_NUM_THREADS`` = ``--threads``
 (vLLM's core binding, ``VLLM_CPU_OMP_THREADS_BIND``, applies only to its multiprocess executor); the
 worker reports the torch threads it ran with. kvlab runs with ``torch.set_num_threads(--threads)``.
 
 Metrics per engine, dtype and batch: prefill seconds of the whole batch (kvlab: its prefill forward;
-vLLM: ``generate`` with ``max_tokens=1``), decode aggregate tok/s = batch x (new - 1) / decode seconds
-(kvlab: its decode loop; vLLM: ``generate`` with all new tokens minus the ``max_tokens=1`` call of the
-same turn), end-to-end seconds of the full call. Engines alternate turn by turn (order flipped every
+vLLM: first request scheduled -> last first token, engine timestamps), decode aggregate tok/s = batch x
+(new - 1) / decode seconds (kvlab: its decode loop; vLLM: last first token -> last token), end-to-end seconds
+of the full call. Both phases come from one call per turn: the earlier way, a ``max_tokens=1`` call
+subtracted from the full one, made vLLM's decode the difference of two ~25 s prefills on this noisy host
+(it is still the fallback for an engine without timestamps). Engines alternate turn by turn (order flipped every
 repeat) after ``--warmup`` untimed turns; medians over ``--repeats``. Ratios are kvlab's speed-up
 (> 1: kvlab faster). Greedy agreement: the fraction of new tokens equal position by position, and of the
 common prefix. Each turn also records the CPU other processes used meanwhile (``other_cores``).
@@ -155,7 +160,10 @@ def measure(model, worker: VllmWorker, folder: Path, dtype: str, prompts: list[l
     """One dtype and batch: alternating kvlab and vLLM turns; the row of medians and every sample."""
     batch, meter = len(prompts), Meter(worker.proc.pid)
     ids = torch.tensor(prompts)  # [B, S]
-    llm = {"max_num_seqs": batch, "max_model_len": len(prompts[0]) + n_new, "enable_prefix_caching": False}
+    # the whole batch prefills in one engine step (as kvlab's one forward), so the engine's first-token and
+    # last-token timestamps split the call into prefill and decode (no phase of one request overlaps another's)
+    llm = {"max_num_seqs": batch, "max_model_len": len(prompts[0]) + n_new, "enable_prefix_caching": False,
+           "max_num_batched_tokens": max(batch * len(prompts[0]), len(prompts[0]) + n_new), "disable_log_stats": False}
     run = {"model": str(folder), "dtype": dtype, "prompts": prompts, "llm": llm}
     samples: dict[str, list] = {"kvlab": [], "vllm": []}
     out: dict[str, list[list[int]]] = {}
@@ -167,11 +175,15 @@ def measure(model, worker: VllmWorker, folder: Path, dtype: str, prompts: list[l
                 "other_cores": other}
 
     def vllm_turn() -> dict:
-        first, _, other1 = meter(lambda: worker.request({**run, "n_new": 1}))
-        full, _, other2 = meter(lambda: worker.request({**run, "n_new": n_new}))
+        full, _, other = meter(lambda: worker.request({**run, "n_new": n_new}))
         out["vllm"], out["settings"] = full["tokens"], full["settings"]
-        return {"prefill_s": first["seconds"], "decode_s": full["seconds"] - first["seconds"], "e2e_s": full["seconds"],
-                "other_cores": max(other1 or 0.0, other2 or 0.0) if other1 is not None else None}
+        phases = engine_phases(full.get("timestamps"))
+        if phases is None:  # an engine without timestamps: a max_tokens=1 call marks the prefill instead
+            first, _, other1 = meter(lambda: worker.request({**run, "n_new": 1}))
+            phases = {"prefill_s": first["seconds"], "decode_s": full["seconds"] - first["seconds"],
+                      "method": "calls"}
+            other = max(other or 0.0, other1 or 0.0) if other is not None else None
+        return {**phases, "e2e_s": full["seconds"], "other_cores": other}
 
     turns = {"kvlab": kvlab_turn, "vllm": vllm_turn}
     for _ in range(warmup):
@@ -201,6 +213,18 @@ def measure(model, worker: VllmWorker, folder: Path, dtype: str, prompts: list[l
     return row
 
 
+def engine_phases(stamps: list | None) -> dict | None:
+    """Prefill and decode seconds of one vLLM call from its requests' engine timestamps: prefill from the
+    first request scheduled to the last first token, decode from there to the last token (every request's
+    first token comes from the same engine step: ``first_token_spread_s`` records it). None without them."""
+    if not stamps or any(not s or None in s.values() for s in stamps):
+        return None
+    first = [s["first_token"] for s in stamps]
+    return {"prefill_s": max(first) - min(s["scheduled"] for s in stamps),
+            "decode_s": max(s["last_token"] for s in stamps) - max(first),
+            "first_token_spread_s": max(first) - min(first), "method": "engine timestamps"}
+
+
 def fmt(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -209,11 +233,11 @@ def markdown(rows: list[dict], config: dict) -> str:
     lines = [f"# Batched decode: kvlab vs vLLM {config['vllm']} (CPU), SmolLM2-135M" + (" (quick)" if config["quick"] else ""),
              "", f"Same weights (kvlab's fp32 SmolLM2-135M, exported with `kvlab export`), prompts of {config['prompt']} "
              f"test-split tokens, {config['new_tokens']} new tokens greedy (EOS ignored), {config['threads']} thread(s) "
-             f"each. vLLM: enforce_eager, prefix caching off, uni executor, max_num_seqs = batch, "
-             f"{config['vllm_settings'].get('max_num_batched_tokens')} batched tokens a step, chunked prefill "
-             f"{config['vllm_settings'].get('chunked_prefill')}, KV {config['kv_gib']} GiB. Medians of {config['repeats']} "
-             "alternating repeats after warm-up; decode tok/s = batch x (new - 1) / decode seconds (vLLM: full call "
-             "minus its max_tokens=1 call); ratios = kvlab speed-up (> 1: kvlab faster). Agreement: greedy tokens "
+             f"each. vLLM: enforce_eager, prefix caching off, uni executor, max_num_seqs = batch, batch x prompt "
+             f"batched tokens a step (one prefill step), chunked prefill {config['vllm_settings'].get('chunked_prefill')}, "
+             f"KV {config['kv_gib']} GiB. Medians of {config['repeats']} alternating repeats after warm-up; decode tok/s "
+             f"= batch x (new - 1) / decode seconds (vLLM: {config.get('vllm_timing', 'engine timestamps')}, last "
+             "first token to last token); ratios = kvlab speed-up (> 1: kvlab faster). Agreement: greedy tokens "
              "equal position by position / inside the common prefix. Other cores: the most CPU other processes "
              "used during any timed call.", "",
              "| dtype | batch | kvlab prefill s | vLLM prefill s | prefill ratio | kvlab decode tok/s | vLLM decode tok/s "
@@ -281,7 +305,8 @@ def main() -> None:
     settings = rows[0]["vllm_settings"]
     if settings.get("torch_threads") != args.threads:
         print(f"warning: vLLM ran with {settings.get('torch_threads')} torch threads, not {args.threads}", flush=True)
-    config = {"model": DEFAULT, "batches": batches, "prompt": args.prompt, "new_tokens": args.new, "dtypes": dtypes,
+    methods = {sample.get("method") for row in rows for sample in row["vllm"]["samples"]}
+    config = {"vllm_timing": " / ".join(sorted(m for m in methods if m)), "model": DEFAULT, "batches": batches, "prompt": args.prompt, "new_tokens": args.new, "dtypes": dtypes,
               "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "kv_gib": kv,
               "quick": args.quick, "vllm": settings.get("vllm"), "vllm_python": str(python), "vllm_settings": settings,
               "command": " ".join(["python benchmarks/vllm_batched.py", *sys.argv[1:]])}

@@ -200,3 +200,16 @@ def test_last_only_prefill_equals_full_logits(model):
     last = model(ids, cache=model.new_cache(2), attention_mask=mask, last_only=True)
     assert last.shape == (2, 1, 97)
     torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+
+
+def test_cli_generate_packed_gives_the_same_greedy_tokens(tmp_path, capsys):
+    """``kvlab generate --packed`` (oneDNN-packed linears for the run) prints what the default path prints."""
+    from kvlab.cli import main
+
+    build(tiny_config([{"type": "full", "n_heads": 4, "n_kv_heads": 2}] * 2, vocab=300)).save(tmp_path / "m")
+    outputs = []
+    for extra in ([], ["--packed"]):
+        assert main(["generate", str(tmp_path / "m"), "--ids", "1,2,3", "--ids", "4,5,6", "--max-new-tokens", "8",
+                     *extra]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].count("\n") == 2

@@ -244,3 +244,24 @@ def test_attend_on_codes_equals_dequantize_then_attend(kind, batch, kv_heads, qu
     assert fast.k.quantized_length > 0 and fast.nbytes == ref.nbytes
     for name in fast.buffers:
         assert torch.equal(fast.buffers[name].view(), ref.buffers[name].view())
+
+
+def test_block_tokens_keep_the_workspace_bounded():
+    from kvlab.cache.quantized import BLOCK, WORKSPACE_BYTES, block_tokens
+
+    assert block_tokens(3, 64) == BLOCK  # batch 1, SmolLM2's 3 KV heads: whole blocks
+    for rows in (1, 3, 12, 48, 200, 10_000):
+        n = block_tokens(rows, 64)
+        assert n & (n - 1) == 0 and (n == 1 or rows * n * 64 * 4 <= WORKSPACE_BYTES) and n <= BLOCK
+    assert block_tokens(48, 64) == 512  # batch 16: 6 MiB of workspace, not 24
+    assert block_tokens(48, 64, 32) % 32 == 0 and block_tokens(10_000, 64, 32) == 32  # whole groups, one at least
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_attend_on_codes_with_blocks_shrunk_by_the_workspace_bound(kind, monkeypatch):
+    # batch 4 x 3 KV heads with a 64 KiB workspace bound: 16-token value blocks, 32-token (one group) key blocks
+    import kvlab.cache.quantized as quantized
+
+    monkeypatch.setattr(quantized, "WORKSPACE_BYTES", 64 << 10)
+    assert quantized.block_tokens(12, 64) == 16
+    test_attend_on_codes_equals_dequantize_then_attend(kind, 4, 3, 3, 64, 32, 32, 2048, monkeypatch)

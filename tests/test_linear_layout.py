@@ -149,3 +149,30 @@ def test_model_built_under_inference_mode():
         logits = model(ids)
         assert model.layers[0].self_attn.__dict__[_GROUPS]
     torch.testing.assert_close(logits, build(tiny_config(LAYERS))(ids).detach(), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_packed_linears_is_scoped_and_frees_the_copies():
+    """``with model.packed_linears()`` packs for the block only (the copies are freed after it), keeps a model
+    that was packed before packed, and changes no logit beyond fp32 rounding."""
+    model = build(tiny_config(LAYERS)).eval()
+    ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(1))
+    attn = model.layers[0].self_attn
+
+    def packed() -> bool:
+        return attn.__dict__[_GROUPS][attn.QKV].packed is not None
+
+    plain = model(ids)
+    with model.packed_linears() as same:
+        assert same is model and model.pack_linears
+        assert packed() == torch.backends.mkldnn.is_available()
+        torch.testing.assert_close(model(ids), plain, atol=1e-4, rtol=1e-4)
+    assert not model.pack_linears and not packed()
+    assert all(group.packed is None for group in model.__dict__[_GROUPS].values())  # the LM head's copy too
+    model.pack_linears_()
+    with model.packed_linears():
+        pass
+    assert model.pack_linears and packed() == torch.backends.mkldnn.is_available()
+    with pytest.raises(RuntimeError), model.pack_linears_(False).packed_linears():
+        raise RuntimeError("freed on the way out too")
+    assert not packed()

@@ -4,6 +4,8 @@ technique registry, a final norm and the LM head. One model class serves every t
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -190,6 +192,18 @@ class Model(nn.Module):
         self.pack_linears = bool(on)
         self.decode_layout_()
         return self
+
+    @contextmanager
+    def packed_linears(self) -> Iterator[Model]:
+        """``pack_linears_()`` for a ``with`` block only; the packed copies are freed after it (unless the
+        model was packed before). Batched serving measurements and ``kvlab generate --packed`` get oneDNN's
+        speed while the extra copy lives only as long as they run: a comparison keeps a dozen variants alive."""
+        was = self.pack_linears
+        self.pack_linears_(True)
+        try:
+            yield self
+        finally:
+            self.pack_linears_(was)
 
     def train(self, mode: bool = True) -> Model:
         """``nn.Module.train``; switching to eval mode also re-packs weights a training step updated in

@@ -14,8 +14,8 @@ Bytes: codes ``Q*W*bits/8`` + scales and zero points (cache dtype) + residual ``
 
 A forward attends to the dequantized old tokens plus the full-precision residual, which includes the
 tokens of this forward (they are quantized, if at all, after it), as in Hugging Face's QuantizedCache.
-A decode step (``QuantizedKVCacheLayer.attend``) reads the codes ``BLOCK`` tokens at a time: each block
-is only converted to float in a reused workspace (int4: unpacked by whole-word bit ops first); the key
+A decode step (``QuantizedKVCacheLayer.attend``) reads the codes a block of tokens at a time
+(``block_tokens``): each block is only converted to float in a reused workspace (int4: unpacked by whole-word bit ops first); the key
 scales are folded into the query and the value scales into the probabilities, so no per-element scale
 work touches the big tensors. ``append`` (prefill, ``kv_from`` consumers) and ``attend_reference`` (the
 reference in tests) build a full-size dequantized copy.
@@ -31,9 +31,21 @@ import torch
 from kvlab.cache.base import CacheLayer, GrowingBuffer
 
 BITS = {"int8": 8, "int4": 4}
-# tokens read at a time by ``QuantizedKVCacheLayer.attend`` (rounded to whole groups): 2048 measured
-# faster than 512/1024 on the 1-thread EPYC (fewer small matmul calls outweigh the block leaving L2)
+# Tokens read at a time by ``QuantizedKVCacheLayer.attend``: at most ``BLOCK``, fewer when a block's float
+# workspace (rows x tokens x width x 4 bytes, rows = batch x KV heads) would outgrow ``WORKSPACE_BYTES``.
+# Measured on the 2-core EPYC (32 MiB L3), SmolLM2's GQA-3 shape: at batch 1, 2048 tokens beat 512 / 1024
+# (fewer small matmul calls); at batch 16 (48 rows) 512 tokens took 0.73x the time of 2048, whose 25 MB
+# workspace no longer stayed in the cache (int8 at 4K: 1.16x the fp32 step's attention instead of 1.58x).
 BLOCK = 2048
+WORKSPACE_BYTES = 8 << 20
+
+
+def block_tokens(rows: int, width: int, multiple: int = 1) -> int:
+    """Tokens per block for ``rows`` rows of ``width`` channels: the largest power of two keeping the float
+    workspace within ``WORKSPACE_BYTES`` (at most ``BLOCK``), rounded down to whole ``multiple``s (at least one)."""
+    fit = max(1, min(BLOCK, WORKSPACE_BYTES // max(rows * width * 4, 1)))
+    tokens = BLOCK if fit == BLOCK else 1 << (fit.bit_length() - 1)
+    return max(tokens // multiple, 1) * multiple
 
 
 def quantized_tokens(tokens: int, group: int, residual: int) -> int:
@@ -241,7 +253,7 @@ class QuantizedKVCacheLayer(CacheLayer):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                scale: float) -> torch.Tensor:
         """Store new ``k, v [B, Hkv, S, D]`` and attend ``q [B, Hkv, M, D]`` (query heads of a group folded
-        into ``M``) to every key held, reading the codes ``BLOCK`` tokens at a time: each block is only
+        into ``M``) to every key held, reading the codes ``block_tokens`` at a time: each block is only
         converted to float (int4: unpacked first) in a reused workspace; no dequantized copy exists.
         The scales and zero points never touch the big tensors:
 
@@ -301,7 +313,7 @@ class QuantizedKVCacheLayer(CacheLayer):
         else:
             torch.mul(qf, s, out=qs)
         sq = workspace("sq", (groups, b, h, m, g), qf.device)  # (q * s) . c: [Q/G, B, Hkv, M, G]
-        size = max(BLOCK // g, 1) * g
+        size = block_tokens(b * h, d, g)
         for start in range(0, ks.quantized_length, size):
             n = min(size, ks.quantized_length - start)
             g0, g1 = start // g, (start + n) // g
@@ -323,8 +335,9 @@ class QuantizedKVCacheLayer(CacheLayer):
         ps = workspace("ps", (b, h, j, m, n_all), p.device)
         torch.mul(p.unsqueeze(2), scale_t.unsqueeze(3), out=ps)  # p_t s_tj: [B, Hkv, J, M, Q]
         acc = workspace("acc", (b * h, j * m, d), p.device).zero_()  # [B*Hkv, J*M, D]
-        for start in range(0, n_all, BLOCK):
-            n = min(BLOCK, n_all - start)
+        size = block_tokens(b * h, d)
+        for start in range(0, n_all, size):
+            n = min(size, n_all - start)
             block = workspace("block", (b, h, n, d), p.device).copy_(self._float_codes(vs, start, n))
             acc.baddbmm_(ps[..., start:start + n].reshape(b * h, j * m, n), block.view(b * h, n, d))
         if vs.quant == "int4":

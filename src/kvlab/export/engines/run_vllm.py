@@ -6,7 +6,8 @@ so vLLM is imported once.
 ``--serve`` keeps the engine loaded between requests, for timing (``benchmarks/vllm_batched.py``): one
 JSON request per stdin line, one ``{"answer": ...}`` line per request on stdout. A request is a run as
 above plus ``"llm"`` (extra ``LLM(...)`` arguments, e.g. ``max_num_seqs``); the answer holds the tokens,
-the wall ``seconds`` of ``generate`` alone, and the engine's settings. The engine is rebuilt only when its
+the wall ``seconds`` of ``generate`` alone, each request's engine ``timestamps`` (with
+``"disable_log_stats": false`` in ``llm``; else None) and the engine's settings. The engine is rebuilt only when its
 arguments change (pass ``max_model_len`` in ``llm`` to keep one engine across ``n_new``)."""
 
 import gc
@@ -31,12 +32,20 @@ def make_llm(run: dict):
     return LLM(**llm_kwargs(run))
 
 
-def greedy(llm, run: dict) -> list[list[int]]:
+def greedy(llm, run: dict, timestamps: list | None = None) -> list[list[int]]:
+    """Greedy tokens of each prompt; with ``timestamps`` (a list), also each request's engine timestamps
+    (``scheduled``, ``first_token``, ``last_token``: engine-core monotonic seconds) where the engine
+    records them (``disable_log_stats=False``)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(temperature=0.0, max_tokens=run["n_new"], ignore_eos=True, detokenize=False)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in run["prompts"]], params, use_tqdm=False)
+    if timestamps is not None:
+        for o in outputs:
+            m = getattr(o, "metrics", None)
+            timestamps.append(None if m is None else {name: getattr(m, f"{name}_ts", None)
+                                                      for name in ("scheduled", "first_token", "last_token")})
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
@@ -83,9 +92,10 @@ def serve() -> None:
                 llm, key = None, None
                 gc.collect()
                 llm, key = make_llm(run), wanted
-            t0 = time.perf_counter()
-            tokens = greedy(llm, run)
-            answer = {"tokens": tokens, "seconds": time.perf_counter() - t0, "settings": settings(llm)}
+            t0, stamps = time.perf_counter(), []
+            tokens = greedy(llm, run, stamps)
+            answer = {"tokens": tokens, "seconds": time.perf_counter() - t0, "timestamps": stamps,
+                      "settings": settings(llm)}
         except Exception as exc:  # reported per request; the process keeps serving
             answer = {"error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps({"answer": answer}), flush=True)
