@@ -15,10 +15,10 @@ Bytes: codes ``Q*W*bits/8`` + scales and zero points (cache dtype) + residual ``
 A forward attends to the dequantized old tokens plus the full-precision residual, which includes the
 tokens of this forward (they are quantized, if at all, after it), as in Hugging Face's QuantizedCache.
 A decode step (``QuantizedKVCacheLayer.attend``) reads the codes a block of tokens at a time
-(``block_tokens``): each block is only converted to float in a reused workspace (int4: unpacked by whole-word bit ops first); the key
-scales are folded into the query and the value scales into the probabilities, so no per-element scale
-work touches the big tensors. ``append`` (prefill, ``kv_from`` consumers) and ``attend_reference`` (the
-reference in tests) build a full-size dequantized copy.
+(``block_tokens``): each block is only converted to float in a reused workspace (int4: unpacked by
+whole-word bit ops first); the key scales are folded into the query and the value scales into the
+probabilities, so no per-element scale work touches the big tensors. ``append`` (prefill, ``kv_from``
+consumers) and ``attend_reference`` (the reference in tests) build a full-size dequantized copy.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ BITS = {"int8": 8, "int4": 4}
 # Tokens read at a time by ``QuantizedKVCacheLayer.attend``: at most ``BLOCK``, fewer when a block's float
 # workspace (rows x tokens x width x 4 bytes, rows = batch x KV heads) would outgrow ``WORKSPACE_BYTES``.
 # Measured on the 2-core EPYC (32 MiB L3), SmolLM2's GQA-3 shape: at batch 1, 2048 tokens beat 512 / 1024
-# (fewer small matmul calls); at batch 16 (48 rows) 512 tokens took 0.73x the time of 2048, whose 25 MB
-# workspace no longer stayed in the cache (int8 at 4K: 1.16x the fp32 step's attention instead of 1.58x).
+# (fewer small matmul calls); at batch 16 (48 rows) a 2048-token block's 25 MB workspace left the cache:
+# ``benchmarks/kv_quant_decode.py --batch 16`` at 4K, whole-model int8 step 1.39x fp32's with 512-token
+# blocks against 2.00x with 2048.
 BLOCK = 2048
 WORKSPACE_BYTES = 8 << 20
 

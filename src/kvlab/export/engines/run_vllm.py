@@ -7,8 +7,8 @@ so vLLM is imported once.
 JSON request per stdin line, one ``{"answer": ...}`` line per request on stdout. A request is a run as
 above plus ``"llm"`` (extra ``LLM(...)`` arguments, e.g. ``max_num_seqs``); the answer holds the tokens,
 the wall ``seconds`` of ``generate`` alone, each request's engine ``timestamps`` (with
-``"disable_log_stats": false`` in ``llm``; else None) and the engine's settings. The engine is rebuilt only when its
-arguments change (pass ``max_model_len`` in ``llm`` to keep one engine across ``n_new``)."""
+``"disable_log_stats": false`` in ``llm``; else None) and the engine's settings. The engine is rebuilt
+only when its arguments change (pass ``max_model_len`` in ``llm`` to keep one engine across ``n_new``)."""
 
 import gc
 import json
