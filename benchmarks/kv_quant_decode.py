@@ -88,8 +88,10 @@ def main(argv: list[str] | None = None) -> None:
                 bound = quantized.WORKSPACE_BYTES
                 if v in FIXED:  # the block size before the workspace bound: always BLOCK tokens
                     quantized.WORKSPACE_BYTES = 1 << 62
-                t = timed_steps(models[v], caches[v], args.steps, clock)
-                quantized.WORKSPACE_BYTES = bound
+                try:
+                    t = timed_steps(models[v], caches[v], args.steps, clock)
+                finally:
+                    quantized.WORKSPACE_BYTES = bound
                 if r:
                     samples[v] += t
         base = statistics.median(samples["fp32"])

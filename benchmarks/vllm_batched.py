@@ -163,7 +163,8 @@ def measure(model, worker: VllmWorker, folder: Path, dtype: str, prompts: list[l
     # the whole batch prefills in one engine step (as kvlab's one forward), so the engine's first-token and
     # last-token timestamps split the call into prefill and decode (no phase of one request overlaps another's)
     llm = {"max_num_seqs": batch, "max_model_len": len(prompts[0]) + n_new, "enable_prefix_caching": False,
-           "max_num_batched_tokens": max(batch * len(prompts[0]), len(prompts[0]) + n_new), "disable_log_stats": False}
+           "max_num_batched_tokens": max(batch * len(prompts[0]), len(prompts[0]) + n_new),
+           "disable_log_stats": False}
     run = {"model": str(folder), "dtype": dtype, "prompts": prompts, "llm": llm}
     samples: dict[str, list] = {"kvlab": [], "vllm": []}
     out: dict[str, list[list[int]]] = {}
@@ -306,7 +307,8 @@ def main() -> None:
     if settings.get("torch_threads") != args.threads:
         print(f"warning: vLLM ran with {settings.get('torch_threads')} torch threads, not {args.threads}", flush=True)
     methods = {sample.get("method") for row in rows for sample in row["vllm"]["samples"]}
-    config = {"vllm_timing": " / ".join(sorted(m for m in methods if m)), "model": DEFAULT, "batches": batches, "prompt": args.prompt, "new_tokens": args.new, "dtypes": dtypes,
+    config = {"vllm_timing": " / ".join(sorted(m for m in methods if m)), "model": DEFAULT, "batches": batches,
+              "prompt": args.prompt, "new_tokens": args.new, "dtypes": dtypes,
               "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "kv_gib": kv,
               "quick": args.quick, "vllm": settings.get("vllm"), "vllm_python": str(python), "vllm_settings": settings,
               "command": " ".join(["python benchmarks/vllm_batched.py", *sys.argv[1:]])}

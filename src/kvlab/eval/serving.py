@@ -28,7 +28,7 @@ def batched_decode(model, cache, token: torch.Tensor, batch: int, steps: int = 2
     step, then time ``steps`` whole-batch steps. Returns aggregate tok/s, the step seconds, the batch and
     the live cache bytes after the replication (before the steps). The steps run on oneDNN-packed linears
     where they measure faster (``Model.packed_linears``: at batch 16 on a 2-core EPYC the step's linears took
-    0.6x MKL's time), packed for this call only."""
+    0.6x MKL's time, ``benchmarks/fused_linears.py``), packed for this call only."""
     cache.select([0] * batch)
     live = int(cache.nbytes)
     tokens = token.reshape(1, 1).expand(batch, 1).contiguous()
