@@ -151,7 +151,7 @@ def test_generate_runs_or_fails_in_one_line(ckpt, flags, data, capsys):
     argv = ["generate", str(ckpt), "--ids", "1,2"]
     for flag in flags:
         value = data.draw(ARG_VALUES)
-        if flag == "--max-new-tokens" and value.strip().isdigit() and int(value) > 8:
+        if flag == "--max-new-tokens" and value.strip().isdecimal() and int(value) > 8:
             value = "8"  # a valid long generation is slow, not wrong
         argv += [flag, value]
     if "--max-new-tokens" not in flags:
@@ -166,7 +166,7 @@ def test_generate_runs_or_fails_in_one_line(ckpt, flags, data, capsys):
 def test_show_mask_runs_or_fails_in_one_line(ckpt, tmp_path_factory, flag, data, capsys):
     out = tmp_path_factory.mktemp("sm") / "m"
     value = data.draw(ARG_VALUES)
-    if flag == "--seq" and value.strip().isdigit() and int(value) > 256:
+    if flag == "--seq" and value.strip().isdecimal() and int(value) > 256:
         value = "256"
     code, _, err = _run(["show-mask", str(ckpt.parent / "cfg.json"), "--out", str(out), flag, value], capsys)
     assert code in (0, 2) and (code == 0 or one_line(err)), (flag, value, err)
@@ -182,7 +182,7 @@ def test_train_runs_or_fails_in_one_line(ckpt, tmp_path_factory, flag, data, cap
         corpus.write_text("def f(x):\n    return x + 1\n" * 200)
     value = data.draw(ARG_VALUES)
     fixed = {"--steps": "2", "--batch": "2", "--seq": "16", "--grad-accum": "1"}
-    if flag in fixed and value.strip().lstrip("-").isdigit() and int(value) > int(fixed[flag]):
+    if flag in fixed and value.strip().lstrip("-").isdecimal() and int(value) > int(fixed[flag]):
         value = fixed[flag]  # valid but slow
     out = tmp_path_factory.mktemp("tr") / "run"
     argv = ["train", "--no-progress", "--config", str(ckpt.parent / "cfg.json"), "--corpus", str(corpus),
