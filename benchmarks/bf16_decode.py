@@ -13,6 +13,7 @@ fp32's own continuation (teacher-forced: each position compared on the same pref
     python benchmarks/bf16_decode.py              # 1 thread, process CPU time, ~3 min
     python benchmarks/bf16_decode.py --threads 2 --clock wall   # on a quiet machine
     python benchmarks/bf16_decode.py --quick      # short contexts, few rounds (validation)
+    python benchmarks/bf16_decode.py --threads 2 --clock wall --packed   # both dtypes with packed linears
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from _common import machine_info, write_results  # noqa: E402
 from _smollm2 import DEFAULT, load_model, timed_steps  # noqa: E402
 from serving_budget import fill  # noqa: E402
 
+from kvlab.linear_layout import packable_dtypes  # noqa: E402
 from kvlab.runtime_dtype import describe, dtype_report  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
@@ -97,8 +99,13 @@ def greedy(models: dict, new_tokens: int) -> dict:
 
 def markdown(data: dict) -> str:
     g, p = data["greedy"], data["prefill"]
-    lines = [f"# SmolLM2-135M: bfloat16 against float32{' (quick)' if data['quick'] else ''}", "",
-             f"{data['threads']} thread(s), {data['clock']} clock, fp32 and bf16 interleaved; load average "
+    packed = data.get("packed", False)
+    lines = [f"# SmolLM2-135M: bfloat16 against float32{' (quick)' if data['quick'] else ''}"
+             f"{', packed linears' if packed else ''}", "",
+             f"{data['threads']} thread(s), {data['clock']} clock, fp32 and bf16 interleaved"
+             + (", both with `Model.pack_linears_()` (oneDNN on packed weights where `packed_pays` measures it "
+                f"faster; bf16 packs where oneDNN has native bf16: {data['bf16_packs']})" if packed else "")
+             + "; load average "
              f"{data['load_avg_before']} before, {data['load_avg_after']} after (another process may hold a core). "
              "Decode: median one-token step of the whole batch over caches filled to the context; "
              "speedup = fp32 time / bf16 time (> 1: bf16 faster).", "",
@@ -111,7 +118,8 @@ def markdown(data: dict) -> str:
     lines += ["", f"Greedy, {g['new_tokens']} new tokens from {g['prompt']!r}: {g['agree']}/{g['new_tokens']} agree "
               f"position by position (first difference at {g['first_difference']}); given fp32's own prefix at every "
               f"position, bf16's next token agrees {g['agree_on_fp32_prefix']}/{g['new_tokens']} times.", "",
-              "`pick_dtype` on this machine (the MLP matmul, 576 x 1536, column-major as the model stores it):", ""]
+              f"`pick_dtype` on this machine (the MLP matmul, 576 x 1536, column-major as the model stores it"
+              f"{', packed' if packed else ''}):", ""]
     lines += [f"- batch {b}: {describe(r)}" for b, r in data["pick_dtype"].items()]
     return "\n".join(lines)
 
@@ -125,16 +133,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--packed", action="store_true", help="both models with packed linears (Model.pack_linears_)")
     args = parser.parse_args(argv)
-    shapes, prefill_len, name = [(1, 512), (1, 2048), (16, 1024)], 2048, "bf16_decode"
+    shapes, prefill_len, name = [(1, 512), (1, 2048), (16, 1024)], 2048, "bf16_decode" + ("_packed" if args.packed else "")
     if args.quick:
         shapes, prefill_len, name = [(1, 64), (4, 64)], 128, name + "_quick"
         args.rounds, args.steps, args.new_tokens = 1, 2, 8
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     load_before = [round(x, 2) for x in os.getloadavg()]
-    models = {n: load_model(DEFAULT, n).eval() for n in DTYPES}
-    picks = {b: dtype_report(models["float32"].config, "cpu", b) for b in sorted({1, *(b for b, _ in shapes)})}
+    models = {n: load_model(DEFAULT, n).eval().pack_linears_(args.packed) for n in DTYPES}
+    picks = {b: dtype_report(models["float32"].config, "cpu", b, args.packed)
+             for b in sorted({1, *(b for b, _ in shapes)})}
     for b, r in picks.items():
         print(f"pick_dtype batch {b}: {describe(r)}", flush=True)
     decode = []
@@ -146,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     agreement = greedy(models, args.new_tokens)
     print(agreement, flush=True)
     data = {"quick": args.quick, "threads": args.threads, "clock": args.clock, "rounds": args.rounds, "steps": args.steps,
-            "load_avg_before": load_before, "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+            "packed": args.packed, "bf16_packs": torch.bfloat16 in packable_dtypes(), "load_avg_before": load_before, "load_avg_after": [round(x, 2) for x in os.getloadavg()],
             "decode": decode, "prefill": prefill, "greedy": agreement, "pick_dtype": picks}
     paths = write_results(name, data, markdown(data))
     print(markdown(data))

@@ -41,7 +41,7 @@ import torch
 torch.set_num_threads(int(sys.argv[3]))
 sys.path.insert(0, sys.argv[1])
 from _smollm2 import load_model
-model = load_model(sys.argv[2]).eval()
+model = load_model(sys.argv[2], dtype=sys.argv[4]).eval()
 if hasattr(model, "pack_linears_"):  # oneDNN-packed linears where measured faster (opt-in, kvlab.linear_layout)
     model.pack_linears_()
 params = {id(p): p for p in model.parameters()}
@@ -70,7 +70,9 @@ for line in sys.stdin:
         caches[ctx] = (cache, token)
     try:  # which linear kernel this tree's layout measured faster (kvlab.linear_layout; absent in old trees)
         from kvlab.linear_layout import _PACKED_PAYS
-        layout = {f"{t} threads, {r} rows": "oneDNN packed" if v else "MKL" for (t, r), v in _PACKED_PAYS.items()}
+        fields = ("threads", "rows", "", "")  # the key: (threads, rows bucket[, dtype, weight shape])
+        layout = {", ".join(f"{f} {x}".strip() for f, x in zip(fields, key)): "oneDNN packed" if v else "MKL"
+                  for key, v in _PACKED_PAYS.items()}
     except ImportError:
         layout = None
     print(json.dumps({"times": times, "cpu": cpu, "bytes": weight_bytes + held, "weights": weight_bytes, "cache": held,
@@ -99,10 +101,10 @@ def read_seconds(buffer: torch.Tensor) -> tuple[float, float]:
 
 
 class Worker:
-    def __init__(self, tree: Path, model: str, threads: int):
+    def __init__(self, tree: Path, model: str, threads: int, dtype: str):
         env = {**os.environ, "PYTHONPATH": str(tree / "src")}
         bench = str(ROOT / "benchmarks")  # this tree's model loader, whichever kvlab is imported
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, bench, model, str(threads)], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, bench, model, str(threads), dtype], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ask(None)
 
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8, help="decode steps per round")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the weights' and cache's dtype (bytes per step are read from the tensors)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: process CPU time of steps and of the probe (1 thread on a shared machine: "
                              "time another process holds the core is not counted)")
@@ -138,9 +142,9 @@ def main(argv: list[str] | None = None) -> None:
         args.contexts, args.rounds, args.steps, args.name = [128, 512], 2, 3, args.name + "_quick"
     torch.set_num_threads(args.threads)
     buffer = torch.ones(2**28)  # 1 GiB fp32
-    workers = {"new": Worker(ROOT, args.model, args.threads)}
+    workers = {"new": Worker(ROOT, args.model, args.threads, args.dtype)}
     if args.old:
-        workers["old"] = Worker(args.old.resolve(), args.model, args.threads)
+        workers["old"] = Worker(args.old.resolve(), args.model, args.threads, args.dtype)
     rows = []
     for ctx in args.contexts:
         samples = {name: {"wall": [], "cpu": []} for name in workers}
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         worker.close()
     machine = {**machine_info(), "cpu_flags": cpu_flags()}
     header = "| context | read GB/s | tok/s | MB read per step | effective GB/s | fraction |"
-    lines = [f"# Decode at batch 1 against read bandwidth ({args.model}, fp32, {args.threads} threads, {args.clock} clock)", "",
+    lines = [f"# Decode at batch 1 against read bandwidth ({args.model}, {args.dtype}, {args.threads} threads, {args.clock} clock)", "",
              f"CPU: {machine['cpu']}; flags: {' '.join(machine['cpu_flags'])}; load average {machine['load_avg']}",
              "", header + (" old tok/s | old fraction | new/old | same tokens |" if args.old else ""),
              "|---" * (6 + (4 if args.old else 0)) + "|"]

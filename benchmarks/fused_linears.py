@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
              "| linears | batch | probe read GB/s | separate: ms (read GB/s, x) | fused | fused + packed | kvlab runs |",
              "|---|---|---|---|---|---|---|", *rows, "",
              "Milliseconds per layer (per copy of the head); x = speed-up over separate. kvlab runs: what "
-             "`linear_layout.packed_pays` chose in this process (measured once per thread count and rows bucket "
-             f"on the first weight asked, here q/k/v). Medians of {rounds} "
+             "`linear_layout.packed_pays` chose in this process (measured once per thread count, rows bucket, dtype "
+             f"and weight shape). Medians of {rounds} "
              "alternating rounds (each 3 passes over the distinct weights); GB/s = weight bytes / time; probe: "
              "torch.sum over 1 GiB between rounds. Command: `python benchmarks/fused_linears.py "
              + " ".join(argv if argv is not None else sys.argv[1:]) + "`"]

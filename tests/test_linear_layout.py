@@ -127,7 +127,7 @@ def test_model_decode_equals_training_path_after_to_and_reload(tmp_path):
     attn = wide.layers[0].self_attn
     group = attn.__dict__[_GROUPS][attn.QKV]
     assert group.weight.dtype == torch.float64 and attn.q_proj.weight.data_ptr() == group.weight.data_ptr()
-    assert group.packed is None  # oneDNN's copy is fp32 only: float64 runs F.linear on the fused tensor
+    assert group.packed is None  # no oneDNN copy of a float64 weight: F.linear on the fused tensor
     torch.testing.assert_close(wide(ids).float(), fused, atol=1e-4, rtol=1e-4)
 
 
@@ -176,3 +176,52 @@ def test_packed_linears_is_scoped_and_frees_the_copies():
     with pytest.raises(RuntimeError), model.pack_linears_(False).packed_linears():
         raise RuntimeError("freed on the way out too")
     assert not packed()
+
+
+@torch.no_grad()
+def test_bf16_packed_where_onednn_has_native_bf16(monkeypatch):
+    """A bf16 model is packed only where oneDNN has a bf16 kernel (``packable_dtypes``), and the packed path
+    gives the unpacked bf16 logits within bf16 rounding; its own ``packed_pays`` decision (the key holds the
+    dtype) is what routes it."""
+    from kvlab import linear_layout
+
+    model = build(tiny_config(LAYERS)).eval().to(torch.bfloat16)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+    plain = model(ids).float()
+    monkeypatch.setattr(linear_layout, "packed_pays", lambda weight, rows: True)  # take the packed path
+    with model.packed_linears():
+        attn = model.layers[0].self_attn
+        packed = attn.__dict__[_GROUPS][attn.QKV].packed
+        assert (packed is not None) == (torch.bfloat16 in linear_layout.packable_dtypes())
+        torch.testing.assert_close(model(ids).float(), plain, atol=0.05, rtol=0.05)
+    assert attn.__dict__[_GROUPS][attn.QKV].packed is None
+
+
+def test_packed_pays_is_measured_per_dtype_and_shape(monkeypatch):
+    """One measurement per (threads, rows bucket, dtype, weight shape): an LM head asked first (a prefill's
+    last token) does not decide for the layers' linears, nor q/k/v for the MLP."""
+    from kvlab import linear_layout
+
+    asked = []
+    monkeypatch.setattr(linear_layout, "_PACKED_PAYS", {})
+    monkeypatch.setattr(linear_layout, "_measure_packed", lambda w, rows: asked.append((w.shape, rows)) or 2.0)
+    head, layer, mlp = torch.empty(512, 32), torch.empty(64, 32), torch.empty(32, 96)
+    for weight, rows in ((head, 1), (layer, 1), (layer, 1), (layer.bfloat16(), 1), (layer, 16), (mlp, 16),
+                         (head, 1), (mlp, 20)):
+        assert linear_layout.packed_pays(weight, rows)
+    assert asked == [(head.shape, 1), (layer.shape, 1), (layer.shape, 1), (layer.shape, 16), (mlp.shape, 16)]
+
+
+@pytest.mark.parametrize("rows_out", [48, 2**17])  # a layer's linear; a head larger than the timing budget (a slice)
+def test_packed_measurement_times_distinct_copies_in_the_models_layout(monkeypatch, rows_out):
+    """The timed copies are real copies (not aliases of one hot tensor: ``.t().contiguous()`` of a column-major
+    weight is a no-op, which once made MKL look 3x faster) and keep the column-major layout, a slice too."""
+    from kvlab import linear_layout
+
+    seen = []
+    monkeypatch.setattr(linear_layout, "packed_weight", lambda w: seen.append(w) or None)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, w, *a: x, raising=False)
+    weight = torch.zeros(rows_out, 64).t().contiguous().t()  # column-major, as the model stores it
+    linear_layout._measure_packed(weight, 16)
+    assert len(seen) >= 2 and len({w.data_ptr() for w in seen}) == len(seen)
+    assert all(w.stride(0) == 1 and w.data_ptr() != weight.data_ptr() for w in seen)

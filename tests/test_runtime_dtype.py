@@ -28,8 +28,8 @@ def force(monkeypatch, decode: float, prefill: float) -> list:
     """Make bf16 ``decode`` / ``prefill`` times faster than fp32 (< 1: slower); returns the calls made."""
     calls = []
 
-    def measure(rows, d_in, d_out, repeats):
-        calls.append((rows, d_in, d_out))
+    def measure(rows, d_in, d_out, repeats, packed=False):
+        calls.append((rows, d_in, d_out) + (("packed",) if packed else ()))
         return {"float32": 1.0, "bfloat16": 1.0 / (prefill if rows == rd.PREFILL_ROWS else decode)}
 
     monkeypatch.setattr(rd, "_measure", measure)
@@ -54,6 +54,22 @@ def test_bf16_only_when_faster_by_the_margin_at_both(monkeypatch, decode, prefil
     assert calls == [(4, 32, 64), (rd.PREFILL_ROWS, 32, 64)]
     assert rd.pick_dtype((32, 64), batch=4) == want and len(calls) == 2  # measured once per process
     assert rd.dtype_report((32, 64), batch=4)["reason"].startswith("bf16 >=" if want == torch.bfloat16 else "bf16 not")
+
+
+def test_packed_kernel_is_measured_apart():
+    """``packed``: both dtypes timed through oneDNN on packed copies (where that dtype packs), a report of
+    its own; the plain report is not reused for it."""
+    plain, packed = rd.dtype_report(CONFIG), rd.dtype_report(CONFIG, packed=True)
+    assert not plain["packed"] and packed["packed"] and packed["speedup"]["decode"] > 0
+    assert "packed linears" in rd.describe(packed) and "packed" not in rd.describe(plain)
+
+
+def test_generate_packed_dtype_auto_measures_packed(checkpoint, capsys, monkeypatch):
+    calls = force(monkeypatch, 2.0, 2.0)
+    assert main(["generate", checkpoint, "--ids", "1,2", "--max-new-tokens", "2", "--dtype", "auto",
+                 "--packed"]) == 0
+    assert calls and all(call[-1] == "packed" for call in calls)
+    assert "packed linears" in capsys.readouterr().err
 
 
 def test_cuda_takes_bf16_where_supported_without_timing(monkeypatch):

@@ -43,10 +43,22 @@ def column_major_(linear: nn.Linear) -> None:
         weight.data = weight.data.t().contiguous().t()
 
 
+def packable_dtypes() -> tuple[torch.dtype, ...]:
+    """Weight dtypes oneDNN's linear takes packed on this CPU: fp32, and bf16 where oneDNN has a native bf16
+    kernel (AVX512-BF16 or AMX; without one it would emulate, several times slower)."""
+    if not torch.backends.mkldnn.is_available():
+        return ()
+    try:
+        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        bf16 = False
+    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+
+
 def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """``weight [out, in]`` reordered for oneDNN's linear (an opaque ``torch._mkldnn`` tensor), or None where
-    that path does not apply (not a CPU fp32 weight, or a torch without oneDNN)."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    that path does not apply (not a CPU weight of a ``packable_dtypes`` dtype, or a torch without oneDNN)."""
+    if weight.device.type != "cpu" or weight.dtype not in packable_dtypes():
         return None
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
@@ -71,14 +83,14 @@ class FusedGroup:
 
     def linear(self, x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
         """``x @ weight.T + bias``, on the packed copy while it is current and where it was measured faster."""
-        if (self.packed is not None and x.dtype == torch.float32 and _versions(linears) == self.versions
+        if (self.packed is not None and x.dtype == self.weight.dtype and _versions(linears) == self.versions
                 and packed_pays(self.weight, x.numel() // x.shape[-1])):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
 PACKED_MARGIN = 1.05  # oneDNN must be this much faster than MKL to be used
-_PACKED_PAYS: dict[tuple[int, int], bool] = {}  # (threads, rows bucket) -> measured, once per process
+_PACKED_PAYS: dict[tuple, bool] = {}  # (threads, rows bucket, dtype, weight shape) -> measured, once per process
 
 
 def _rows_bucket(rows: int) -> int:
@@ -87,12 +99,14 @@ def _rows_bucket(rows: int) -> int:
 
 
 def packed_pays(weight: torch.Tensor, rows: int) -> bool:
-    """Whether oneDNN on packed weights beats ``F.linear`` on this machine, at this thread count and about
-    ``rows`` rows: measured once per process and key (~0.3 s) on copies of the first weight asked about (a
-    model's first q/k/v), never assumed. On a 2-core EPYC it wins 1.2-2.4x at 2 threads for most of
-    SmolLM2's linears (MKL's one-row GEMV runs on one thread there) but loses at 1 thread
-    (``benchmarks/fused_linears.py``)."""
-    key = (torch.get_num_threads(), _rows_bucket(rows))
+    """Whether oneDNN on packed weights beats ``F.linear`` on this machine, at this thread count, about
+    ``rows`` rows, this dtype and this weight shape: measured once per process and key (~0.25 s) on copies of
+    the weight, never assumed. Per shape, because the gain is: on a 2-core EPYC at 2 threads and one row,
+    1.2-1.35x for q/k/v and down, ~1.0x for o, ~1.1x for the LM head (MKL's one-row GEMV runs on one thread
+    there; ``benchmarks/fused_linears.py``), and one decision for all of them, taken on whichever came first,
+    flipped between processes. At 1 thread MKL wins. SmolLM2 has five shapes: ~1-1.5 s per rows bucket, the
+    price of ``Model.packed_linears`` on a short generation."""
+    key = (torch.get_num_threads(), _rows_bucket(rows), weight.dtype, tuple(weight.shape))
     if key not in _PACKED_PAYS:
         _PACKED_PAYS[key] = _measure_packed(weight, key[1]) >= PACKED_MARGIN
     return _PACKED_PAYS[key]
@@ -100,19 +114,22 @@ def packed_pays(weight: torch.Tensor, rows: int) -> bool:
 
 @torch.no_grad()
 def _measure_packed(weight: torch.Tensor, rows: int) -> float:
-    """MKL time / oneDNN time of ``x [rows, in] @ weight.T``: medians of 7 interleaved passes over copies of
-    ``weight`` (128 MiB of them for one row, so they come from memory as in a model's step, not from a
-    large L3; 16 MiB for more rows, which compute more per byte)."""
-    budget = (128 if rows == 1 else 16) << 20
+    """MKL time / oneDNN time of ``x [rows, in] @ weight.T``: medians of 20 interleaved passes (7 for a prefill's rows) over copies of
+    ``weight`` (64 MiB of them for one row, twice a 32 MiB L3, so they come from memory as in a model's
+    step, and each kernel's pass evicts the other's copies; 16 MiB for more rows, which compute more per
+    byte). Copying and packing the copies takes about half of the ~0.25 s."""
+    budget = (64 if rows == 1 else 16) << 20
     weight = weight[: max(1, (budget // 2) // (weight.shape[1] * weight.element_size()))]  # an LM head: a slice
     copies = max(2, min(256, budget // max(weight.nbytes, 1)))
-    dense = [weight.detach().clone(memory_format=torch.preserve_format) for _ in range(copies)]
+    column_major = weight.stride(0) == 1  # as the model stores it (a slice of the head too): copies keep that
+    dense = [weight.detach().t().clone(memory_format=torch.contiguous_format).t() if column_major
+             else weight.detach().clone(memory_format=torch.contiguous_format) for _ in range(copies)]
     packed = [packed_weight(w) for w in dense]
     x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
     passes = {"mkl": lambda: [F.linear(x, w) for w in dense],
               "onednn": lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in packed]}
     seconds: dict[str, list[float]] = {name: [] for name in passes}
-    for i in range(8):  # the first round warms up
+    for i in range(21 if rows <= 32 else 8):  # the first round warms up; a decode pass is a few ms: many
         for name, run in passes.items():
             start = time.perf_counter()
             run()

@@ -26,7 +26,8 @@ def add_parser(sub):
     p.add_argument("--system", help="system message for --chat (default: the template's own)")
     p.add_argument("--packed", action="store_true",
                    help="run the hot-path linears through oneDNN on packed weight copies where this machine "
-                        "measures that faster (CPU fp32; one more copy of those weights while generating)")
+                        "measures that faster (CPU fp32, and bf16 where oneDNN has native bf16; one more copy of those "
+                        "weights while generating; with --dtype auto, bf16 is measured packed too)")
     add_dtype_arg(p)
     return p
 
@@ -38,7 +39,7 @@ def run(args) -> int:
     from kvlab.tokenizer import StreamDecoder, load_tokenizer
 
     batch = len(args.ids or args.prompt or [None])  # decode runs this many rows at a time
-    model = kvlab.load(args.checkpoint, dtype=resolve_dtype(args.dtype, args.checkpoint, batch)).eval()
+    model = kvlab.load(args.checkpoint, dtype=resolve_dtype(args.dtype, args.checkpoint, batch, args.packed)).eval()
     tokenizer = load_tokenizer(args.checkpoint, model.config.vocab_size)
     if args.ids:
         try:
