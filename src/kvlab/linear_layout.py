@@ -8,6 +8,8 @@ GEMMs. Measured at SmolLM2-135M's shapes (``benchmarks/fused_linears.py``):
 - oneDNN's linear on a weight reordered once into its blocked layout (``torch.ops.mkldnn``, what inductor's
   CPU freezing uses) beats MKL on the plain weight at 2 threads, 1.2-1.5x at one row and 1.3-2.4x at 16
   rows on that EPYC, but is 1.5x slower at 1 thread: it is used where ``packed_pays`` measured it faster;
+- in bf16, where oneDNN has a native kernel (AVX512-BF16 on that Zen 4 EPYC), the packed one-row linear
+  takes 0.5-0.6x fp32's packed time, while MKL's bf16 GEMV on the plain weight reads only 11-17 GB/s;
 - without oneDNN, a column-major weight (``[out, in]`` stored ``in``-major) makes MKL's GEMV 1.3-1.9x faster.
 
 A *fused group* keeps each member an ordinary ``nn.Linear`` with its usual name, shape and values (state
@@ -167,7 +169,7 @@ def fuse_(module: nn.Module, names: tuple[str, ...], pack: bool = False) -> None
     input width, dtype, device and bias-ness become one fused group, one becomes a group of its own; each
     is column-major and, on CPU, packed. Missing members (a ``kv_from`` layer has no k/v) leave the linears
     column-major only. Re-running is a no-op unless the weights were replaced or updated since. ``pack``:
-    keep a oneDNN-packed copy too (CPU fp32; one more copy of the weights, so opt-in).
+    keep a oneDNN-packed copy too (CPU, ``packable_dtypes``; one more copy of the weights, so opt-in).
 
     The new storage is made in the parameters' own mode: normal tensors for normal parameters (also when
     called under inference mode, as ``generate`` does: they may be trained later), inference tensors for
