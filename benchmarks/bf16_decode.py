@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--packed", action="store_true", help="both models with packed linears (Model.pack_linears_)")
     args = parser.parse_args(argv)
-    shapes, prefill_len, name = [(1, 512), (1, 2048), (16, 1024)], 2048, "bf16_decode" + ("_packed" if args.packed else "")
+    name = "bf16_decode" + ("_packed" if args.packed else "")
+    shapes, prefill_len = [(1, 512), (1, 2048), (16, 1024)], 2048
     if args.quick:
         shapes, prefill_len, name = [(1, 64), (4, 64)], 128, name + "_quick"
         args.rounds, args.steps, args.new_tokens = 1, 2, 8
@@ -156,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     agreement = greedy(models, args.new_tokens)
     print(agreement, flush=True)
     data = {"quick": args.quick, "threads": args.threads, "clock": args.clock, "rounds": args.rounds, "steps": args.steps,
-            "packed": args.packed, "bf16_packs": torch.bfloat16 in packable_dtypes(), "load_avg_before": load_before, "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+            "packed": args.packed, "bf16_packs": torch.bfloat16 in packable_dtypes(), "load_avg_before": load_before,
+            "load_avg_after": [round(x, 2) for x in os.getloadavg()],
             "decode": decode, "prefill": prefill, "greedy": agreement, "pick_dtype": picks}
     paths = write_results(name, data, markdown(data))
     print(markdown(data))

@@ -116,10 +116,10 @@ def packed_pays(weight: torch.Tensor, rows: int) -> bool:
 
 @torch.no_grad()
 def _measure_packed(weight: torch.Tensor, rows: int) -> float:
-    """MKL time / oneDNN time of ``x [rows, in] @ weight.T``: medians of 20 interleaved passes (7 for a prefill's rows) over copies of
-    ``weight`` (64 MiB of them for one row, twice a 32 MiB L3, so they come from memory as in a model's
-    step, and each kernel's pass evicts the other's copies; 16 MiB for more rows, which compute more per
-    byte). Copying and packing the copies takes about half of the ~0.25 s."""
+    """MKL time / oneDNN time of ``x [rows, in] @ weight.T``: medians of 20 interleaved passes (7 for a
+    prefill's rows) over copies of ``weight`` (64 MiB of them for one row, twice a 32 MiB L3, so they come
+    from memory as in a model's step, and each kernel's pass evicts the other's copies; 16 MiB for more
+    rows, which compute more per byte). Copying and packing the copies takes about half of the ~0.25 s."""
     budget = (64 if rows == 1 else 16) << 20
     weight = weight[: max(1, (budget // 2) // (weight.shape[1] * weight.element_size()))]  # an LM head: a slice
     copies = max(2, min(256, budget // max(weight.nbytes, 1)))

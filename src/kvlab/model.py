@@ -187,8 +187,10 @@ class Model(nn.Module):
     def pack_linears_(self, on: bool = True) -> Model:
         """Run the hot-path linears through oneDNN on packed copies of their weights (CPU fp32, and bf16 where
         oneDNN has native bf16), where ``linear_layout.packed_pays`` measures that faster, per weight shape:
-        1.1-1.6x per linear at 2 threads on a 2-core EPYC, 2.4x for a batch-16 LM head. Opt-in: it holds one more copy of those weights (+540 MB for
-        SmolLM2), and its fp32 rounding differs from MKL's (SmolLM2 logits vs fp64: 1.2e-4, not 5.8e-5)."""
+        1.1-1.6x per linear at 2 threads on a 2-core EPYC, 2.4x for a batch-16 LM head. Opt-in: it holds one
+        more copy of those weights (+540 MB for SmolLM2 in fp32), costs ~0.25 s of measurement per weight
+        shape and rows bucket, and its fp32 rounding differs from MKL's (SmolLM2 logits vs fp64: 1.2e-4, not
+        5.8e-5)."""
         self.pack_linears = bool(on)
         self.decode_layout_()
         return self

@@ -2,8 +2,9 @@
 model's own matmuls faster in it. On a CPU with native bf16 (AMX, AVX512-BF16) prefill GEMMs run several
 times faster; without it bf16 was measured 3-4x slower, and even with it a one-token GEMV can be slower.
 So ``pick_dtype`` times the model's MLP matmul in fp32 and bf16 at a decode and a prefill shape
-(interleaved, median), through the kernel the model will run (``packed``: oneDNN on packed weights, where
-``linear_layout`` packs that dtype), and takes bf16 only when it is at least ``MARGIN`` times faster at both.
+(interleaved, median), through the kernel the model will run (``packed``: oneDNN on a packed weight where
+``linear_layout`` packs that dtype, as ``Model.packed_linears`` runs it where ``packed_pays`` measures that
+faster), and takes bf16 only when it is at least ``MARGIN`` times faster at both.
 On a 2-core Zen 4 EPYC (AVX512-BF16) bf16 loses at one row through MKL but wins about 1.9x packed. The
 measurement is cached per process; ``dtype_report`` gives the timings and the decision, CPU flags as
 information only."""
