@@ -12,6 +12,7 @@ At batch 1 (GEMV) and 16 (decode of 16 sequences). Variants alternate round by r
 
     python benchmarks/fused_linears.py            # batch 1 and 16, 2 threads
     python benchmarks/fused_linears.py --quick    # few rounds (validation)
+    python benchmarks/fused_linears.py --dtype bfloat16   # bf16 weights; fp32's packed path timed beside
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def column_major(out: int, d_in: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(d_in, out, generator=gen).t()  # [out, in] stored in-major, as the model does
 
 
+def fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
 def time_rounds(fn, rounds: int) -> float:
     samples = []
     for _ in range(rounds):
@@ -55,28 +60,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights and inputs; bfloat16 also times fp32's packed path in the same rounds")
     args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
     rounds = 3 if args.quick else args.rounds
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     probe = torch.ones(2**28)  # 1 GiB fp32
     rows, data = [], []
     for name, (d_in, outs, copies) in GROUPS.items():
-        separate = [[column_major(out, d_in, gen) for out in outs] for _ in range(copies)]
+        separate = [[column_major(out, d_in, gen).to(dtype) for out in outs] for _ in range(copies)]
         fused = [torch.cat(ws).t().contiguous().t() for ws in separate]  # what fuse_ builds
         packed = [packed_weight(w) for w in fused]
+        reference = [packed_weight(w.float()) for w in fused] if dtype != torch.float32 else []  # fp32, same run
         nbytes = sum(w.nbytes for w in fused)
         for batch in args.batches:
-            x = torch.randn(batch, d_in, generator=gen)
+            x = torch.randn(batch, d_in, generator=gen).to(dtype)
             run = {"separate": lambda x=x, separate=separate: [F.linear(x, w) for ws in separate for w in ws],
                    "fused": lambda x=x, fused=fused, outs=outs: [F.linear(x, w).split(outs, -1) for w in fused]}
             if packed[0] is not None:
                 run["packed"] = lambda x=x, packed=packed, outs=outs: [
                     torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "").split(outs, -1) for w in packed]
                 torch.testing.assert_close(torch.ops.mkldnn._linear_pointwise(x, packed[0], None, "none", [], ""),
-                                           F.linear(x, fused[0]), atol=1e-4, rtol=1e-4)
+                                           F.linear(x, fused[0]), **tol)
+            if reference:
+                run["fp32 packed"] = lambda x=x.float(), reference=reference, outs=outs: [
+                    torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "").split(outs, -1) for w in reference]
             for ws_ref, w in zip(separate[:1], fused[:1]):  # same numbers, up to rounding
-                torch.testing.assert_close(torch.cat([F.linear(x, wi) for wi in ws_ref], -1), F.linear(x, w))
+                torch.testing.assert_close(torch.cat([F.linear(x, wi) for wi in ws_ref], -1), F.linear(x, w), **tol)
             times = {k: [] for k in run}
             probes = []
             for _ in range(rounds):
@@ -93,12 +106,16 @@ def main(argv: list[str] | None = None) -> None:
             result["kvlab_runs"] = "packed" if packed[0] is not None and packed_pays(fused[0], batch) else "fused"
             cells = [f"{result[f'{k}_ms']:.3f} ({result[f'{k}_GBps']:.1f} GB/s, {result[f'{k}_speedup']:.2f}x)"
                      if k in seconds else "-" for k in ("separate", "fused", "packed")]
+            if reference:  # fp32's packed path in the same rounds: its ms and this dtype's packed speed-up over it
+                result["packed_vs_fp32_packed"] = seconds["fp32 packed"] / seconds["packed"] if "packed" in seconds else None
+                cells.append(f"{result['fp32 packed_ms']:.3f} ({fmt_ratio(result['packed_vs_fp32_packed'])})")
             rows.append(f"| {name} | {batch} | {bandwidth:.1f} | " + " | ".join(cells) + f" | {result['kvlab_runs']} |")
             print(rows[-1], flush=True)
-    lines = [f"# Decode weight layout vs plain linears (SmolLM2-135M shapes, fp32, {args.threads} threads)", "",
-             f"CPU flags: {' '.join(cpu_flags())}", "",
-             "| linears | batch | probe read GB/s | separate: ms (read GB/s, x) | fused | fused + packed | kvlab runs |",
-             "|---|---|---|---|---|---|---|", *rows, "",
+    extra = " fp32 fused + packed, same run: ms (bf16 packed speed-up) |" if dtype != torch.float32 else ""
+    lines = [f"# Decode weight layout vs plain linears (SmolLM2-135M shapes, {args.dtype}, {args.threads} threads)",
+             "", f"CPU flags: {' '.join(cpu_flags())}", "",
+             "| linears | batch | probe read GB/s | separate: ms (read GB/s, x) | fused | fused + packed |" + extra
+             + " kvlab runs |", "|---" * (7 + bool(extra)) + "|", *rows, "",
              "Milliseconds per layer (per copy of the head); x = speed-up over separate. kvlab runs: what "
              "`linear_layout.packed_pays` chose in this process (measured once per thread count, rows bucket, dtype "
              f"and weight shape). Medians of {rounds} "
@@ -106,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
              "torch.sum over 1 GiB between rounds. Command: `python benchmarks/fused_linears.py "
              + " ".join(argv if argv is not None else sys.argv[1:]) + "`"]
     print("\n".join(lines))
-    write_results("fused_linears" + ("_quick" if args.quick else ""), {"results": data}, "\n".join(lines))
+    name = "fused_linears" + ("" if dtype == torch.float32 else "_bf16") + ("_quick" if args.quick else "")
+    write_results(name, {"dtype": args.dtype, "results": data}, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ GEMMs. Measured at SmolLM2-135M's shapes (``benchmarks/fused_linears.py``):
 - oneDNN's linear on a weight reordered once into its blocked layout (``torch.ops.mkldnn``, what inductor's
   CPU freezing uses) beats MKL on the plain weight at 2 threads, 1.2-1.5x at one row and 1.3-2.4x at 16
   rows on that EPYC, but is 1.5x slower at 1 thread: it is used where ``packed_pays`` measured it faster;
-- in bf16, where oneDNN has a native kernel (AVX512-BF16 on that Zen 4 EPYC), the packed one-row linear
-  takes 0.5-0.6x fp32's packed time, while MKL's bf16 GEMV on the plain weight reads only 11-17 GB/s;
+- in bf16, where oneDNN has a native kernel (AVX512-BF16 on that Zen 4 EPYC), the packed linear takes
+  0.5-0.67x fp32's packed time at one row and 0.36-0.48x at 16 (``fused_linears.py --dtype bfloat16``),
+  while MKL's bf16 GEMV on the plain weight reads only 6-14 GB/s;
 - without oneDNN, a column-major weight (``[out, in]`` stored ``in``-major) makes MKL's GEMV 1.3-1.9x faster.
 
 A *fused group* keeps each member an ordinary ``nn.Linear`` with its usual name, shape and values (state

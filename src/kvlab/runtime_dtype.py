@@ -5,7 +5,7 @@ So ``pick_dtype`` times the model's MLP matmul in fp32 and bf16 at a decode and 
 (interleaved, median), through the kernel the model will run (``packed``: oneDNN on a packed weight where
 ``linear_layout`` packs that dtype, as ``Model.packed_linears`` runs it where ``packed_pays`` measures that
 faster), and takes bf16 only when it is at least ``MARGIN`` times faster at both.
-On a 2-core Zen 4 EPYC (AVX512-BF16) bf16 loses at one row through MKL but wins about 1.9x packed. The
+On a 2-core Zen 4 EPYC (AVX512-BF16) bf16 loses at one row through MKL but wins 1.5-2.1x per linear packed. The
 measurement is cached per process; ``dtype_report`` gives the timings and the decision, CPU flags as
 information only."""
 
