@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 from decode_bandwidth import cpu_flags, read_seconds  # noqa: E402
 
-from kvlab.linear_layout import packed_pays, packed_weight  # noqa: E402
+from kvlab.linear_layout import packed_linear, packed_pays, packed_weight  # noqa: E402
 
 GROUPS = {"q/k/v": (576, (576, 192, 192), 30), "o": (576, (576,), 30), "gate/up": (576, (1536, 1536), 30),
           "down": (1536, (576,), 30), "LM head": (576, (49152,), 2)}  # input width, outputs, distinct copies
@@ -82,12 +82,12 @@ def main(argv: list[str] | None = None) -> None:
                    "fused": lambda x=x, fused=fused, outs=outs: [F.linear(x, w).split(outs, -1) for w in fused]}
             if packed[0] is not None:
                 run["packed"] = lambda x=x, packed=packed, outs=outs: [
-                    torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "").split(outs, -1) for w in packed]
-                torch.testing.assert_close(torch.ops.mkldnn._linear_pointwise(x, packed[0], None, "none", [], ""),
+                    packed_linear(x, w).split(outs, -1) for w in packed]
+                torch.testing.assert_close(packed_linear(x, packed[0]),
                                            F.linear(x, fused[0]), **tol)
             if reference:
                 run["fp32 packed"] = lambda x=x.float(), reference=reference, outs=outs: [
-                    torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "").split(outs, -1) for w in reference]
+                    packed_linear(x, w).split(outs, -1) for w in reference]
             for ws_ref, w in zip(separate[:1], fused[:1]):  # same numbers, up to rounding
                 torch.testing.assert_close(torch.cat([F.linear(x, wi) for wi in ws_ref], -1), F.linear(x, w), **tol)
             times = {k: [] for k in run}

@@ -26,6 +26,7 @@ bumps their versions: the stale packed copy is then skipped for the fused tensor
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ def column_major_(linear: nn.Linear) -> None:
         weight.data = weight.data.t().contiguous().t()
 
 
+@functools.cache
 def packable_dtypes() -> tuple[torch.dtype, ...]:
     """Weight dtypes oneDNN's linear takes packed on this CPU: fp32, and bf16 where oneDNN has a native bf16
     kernel (AVX512-BF16 or AMX; without one it would emulate, several times slower)."""
@@ -69,6 +71,11 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` through oneDNN on ``packed = packed_weight(weight)``."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 @dataclass(frozen=True)
 class FusedGroup:
     weight: torch.Tensor  # [sum out, in], column-major: the members' weights are its row blocks
@@ -88,7 +95,7 @@ class FusedGroup:
         """``x @ weight.T + bias``, on the packed copy while it is current and where it was measured faster."""
         if (self.packed is not None and x.dtype == self.weight.dtype and _versions(linears) == self.versions
                 and packed_pays(self.weight, x.numel() // x.shape[-1])):
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -130,7 +137,7 @@ def _measure_packed(weight: torch.Tensor, rows: int) -> float:
     packed = [packed_weight(w) for w in dense]
     x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
     passes = {"mkl": lambda: [F.linear(x, w) for w in dense],
-              "onednn": lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in packed]}
+              "onednn": lambda: [packed_linear(x, w) for w in packed]}
     seconds: dict[str, list[float]] = {name: [] for name in passes}
     for i in range(21 if rows <= 32 else 8):  # the first round warms up; a decode pass is a few ms: many
         for name, run in passes.items():

@@ -78,7 +78,7 @@ def _measure(rows: int, d_in: int, d_out: int, repeats: int, packed: bool = Fals
     """Median seconds of one ``x [rows, d_in] @ W.T`` (``W [d_out, d_in]`` column-major, as the model
     stores its hot-path linears; ``packed``: oneDNN's linear on a packed copy where that dtype packs) in
     each of ``DTYPES``, the dtypes alternating call by call."""
-    from kvlab.linear_layout import column_major_, packed_weight
+    from kvlab.linear_layout import column_major_, packed_linear, packed_weight
 
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(d_out, d_in, generator=gen) / d_in**0.5
@@ -90,7 +90,7 @@ def _measure(rows: int, d_in: int, d_out: int, repeats: int, packed: bool = Fals
         column_major_(linear)
         reordered = packed_weight(linear.weight) if packed else None
         if reordered is not None:  # what FusedGroup.linear runs
-            linear = functools.partial(_packed_linear, weight=reordered)
+            linear = functools.partial(packed_linear, packed=reordered)
         calls[name] = (linear, x.to(getattr(torch, name)))
     inner = max(1, 16 // rows)  # a one-row GEMV sample is several calls (~1 ms), so the clock resolves it
     times: dict[str, list[float]] = {name: [] for name in DTYPES}
@@ -103,10 +103,6 @@ def _measure(rows: int, d_in: int, d_out: int, repeats: int, packed: bool = Fals
                 if i >= 2:
                     times[name].append((time.perf_counter() - start) / inner)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def _packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
 def _bf16_flags() -> str | None:
