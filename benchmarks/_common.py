@@ -37,6 +37,13 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
     return times
 
 
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The invocation a results file quotes: ``python benchmarks/<script> <args>``, in backticks."""
+    import sys
+
+    return f"`python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]) + "`"
+
+
 def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
     """Write ``results/<name>.json`` (data + machine info) and ``results/<name>.md``."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,18 @@ import kvlab
 from kvlab.cache.quantized import dequantize, quantize, quantized_tokens, stream_bytes
 
 
+@pytest.fixture(params=["kernel", "torch ops"])
+def read_path(request, monkeypatch):
+    """Both implementations of ``QuantizedKVCacheLayer.attend``'s codes read: the compiled kernel
+    (``quantized_kernel``; skipped where it cannot be built) and the torch ops over float blocks."""
+    from kvlab.cache import quantized_kernel
+
+    monkeypatch.setenv("KVLAB_QUANT_KERNEL", "1" if request.param == "kernel" else "0")
+    if request.param == "kernel" and quantized_kernel.kernel() is None:
+        pytest.skip("the quantized-KV decode kernel did not build on this machine")
+    return request.param
+
+
 def _full(kind, **extra):
     return {"type": "full", "n_heads": 4, "n_kv_heads": 2, "kv_quant": kind, "kv_quant_group": 8,
             "kv_quant_residual": 4, **extra}
@@ -186,7 +198,7 @@ def test_config_and_checkpoint_round_trip(name, tmp_path):
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @torch.no_grad()
-def test_decode_reading_codes_block_by_block_equals_the_dequantized_copy(kind, monkeypatch):
+def test_decode_reading_codes_block_by_block_equals_the_dequantized_copy(kind, monkeypatch, read_path):
     # decode steps attend through QuantizedKVCacheLayer.attend (blocks of 8 tokens here, left padding
     # included); the reference is append's full-size dequantized copy, forced by marking a consumer
     import kvlab.cache.quantized as quantized
@@ -213,10 +225,11 @@ def test_decode_reading_codes_block_by_block_equals_the_dequantized_copy(kind, m
     (2, 2, 4, 24, 8, 4, 24),     # head dim not a power of two, int4 words of 4 bytes
     (2, 1, 1, 10, 4, 0, 1),      # MQA, no residual, block smaller than a group (rounded up), 1-byte words
     (1, 2, 6, 16, 32, 5, 8192),  # group wider than the head dim (value groups of gcd(32, 16) channels)
+    (2, 2, 2, 128, 8, 3, 64),    # head dim 128, value groups of 8 channels (the kernel's scalar value loop)
 ])
 @torch.no_grad()
 def test_attend_on_codes_equals_dequantize_then_attend(kind, batch, kv_heads, queries, dim, group, residual, block,
-                                                      monkeypatch):
+                                                      monkeypatch, read_path):
     # the fast decode read (codes converted block by block, scales folded into q and p) against
     # attend_reference (full-size dequantized copy, then softmax attention), step by step: lengths not
     # multiples of the group or the block, residual window partly filled, left padding, GQA groups in M
@@ -259,9 +272,64 @@ def test_block_tokens_keep_the_workspace_bounded():
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_attend_on_codes_with_blocks_shrunk_by_the_workspace_bound(kind, monkeypatch):
-    # batch 4 x 3 KV heads with a 64 KiB workspace bound: 16-token value blocks, 32-token (one group) key blocks
+    # batch 4 x 3 KV heads with a 64 KiB workspace bound: 16-token value blocks, 32-token (one group) key
+    # blocks (the torch-ops read; the kernel has no workspace)
     import kvlab.cache.quantized as quantized
 
     monkeypatch.setattr(quantized, "WORKSPACE_BYTES", 64 << 10)
+    monkeypatch.setenv("KVLAB_QUANT_KERNEL", "0")
     assert quantized.block_tokens(12, 64) == 16
-    test_attend_on_codes_equals_dequantize_then_attend(kind, 4, 3, 3, 64, 32, 32, 2048, monkeypatch)
+    test_attend_on_codes_equals_dequantize_then_attend(kind, 4, 3, 3, 64, 32, 32, 2048, monkeypatch, "torch ops")
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@torch.no_grad()
+def test_kernel_equals_torch_ops_on_a_bf16_cache_with_long_strided_rows(kind, monkeypatch):
+    # a bf16 cache (scales stored in bf16), 3 x 2048-token chunks (the kernel's work items), a preallocated
+    # buffer (rows strided by its capacity): the kernel and the torch-ops read agree
+    from kvlab.cache import quantized_kernel
+    from kvlab.cache.quantized import QuantizedKVCacheLayer
+
+    if quantized_kernel.kernel() is None:
+        pytest.skip("the quantized-KV decode kernel did not build on this machine")
+    gen = torch.Generator().manual_seed(3)
+    layer = QuantizedKVCacheLayer(2, 3, 64, torch.bfloat16, quant=kind, group=32, residual=32)
+    layer.reserve(6000)
+    layer.append(*(torch.randn(2, 3, 5000, 64, generator=gen).bfloat16() for _ in range(2)))
+    q = torch.randn(2, 3, 3, 64, generator=gen).bfloat16()
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("KVLAB_QUANT_KERNEL", flag)
+        scores = torch.empty(2, 3, 3, layer.k.quantized_length)
+        layer._quantized_scores(q.float(), scores)
+        outs[flag] = scores, layer._quantized_values(scores.softmax(-1))
+    for kernel, ops in zip(outs["1"], outs["0"]):
+        torch.testing.assert_close(kernel, ops, atol=1e-4, rtol=1e-4)
+
+
+def test_a_kernel_that_cannot_build_warns_once_and_decode_uses_the_torch_ops(tmp_path, monkeypatch):
+    # no compiler / broken toolchain stands in as a source that does not compile: one warning, no
+    # exception, the same answers through the torch ops; KVLAB_QUANT_KERNEL=0 turns a built kernel off
+    from kvlab.cache import quantized_kernel
+    from kvlab.cache.quantized import QuantizedKVCacheLayer
+
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(quantized_kernel, "SOURCE", broken)
+    monkeypatch.setattr(quantized_kernel, "_state", {})
+    monkeypatch.setenv("KVLAB_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setenv("KVLAB_QUANT_KERNEL", "1")
+    with pytest.warns(UserWarning, match="quantized-KV decode kernel not built"):
+        assert quantized_kernel.kernel() is None
+    assert quantized_kernel.kernel() is None and not quantized_kernel.usable(torch.zeros(1))  # no second build
+    gen = torch.Generator().manual_seed(0)
+    fast, ref = (QuantizedKVCacheLayer(1, 2, 16, torch.float32, quant="int8", group=4, residual=2) for _ in range(2))
+    k, v = torch.randn(1, 2, 20, 16, generator=gen), torch.randn(1, 2, 20, 16, generator=gen)
+    fast.append(k, v)
+    ref.append(k, v)
+    q, k1 = torch.randn(1, 2, 2, 16, generator=gen), torch.randn(1, 2, 1, 16, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.attend(q, k1, k1, None, 0.25), ref.attend_reference(q, k1, k1, None, 0.25))
+    monkeypatch.setattr(quantized_kernel, "_state", {"module": object()})  # "built"
+    monkeypatch.setenv("KVLAB_QUANT_KERNEL", "0")
+    assert quantized_kernel.kernel() is None

@@ -225,3 +225,23 @@ def test_packed_measurement_times_distinct_copies_in_the_models_layout(monkeypat
     linear_layout._measure_packed(weight, 16)
     assert len(seen) >= 2 and len({w.data_ptr() for w in seen}) == len(seen)
     assert all(w.stride(0) == 1 and w.data_ptr() != weight.data_ptr() for w in seen)
+
+
+def test_a_decode_step_traces_without_graph_breaks():
+    """``torch.compile`` of a one-token step through the cache sees one graph: tracing bypasses the fused
+    groups (their storage check is a graph break); the traced step advances the cache as the eager one does
+    (``benchmarks/compiled_decode.py`` measures whether compiling pays)."""
+    model = build(tiny_config([{"type": "full", "n_heads": 4, "n_kv_heads": 2}] * 2))
+    assert model.layers[0].self_attn.__dict__.get(_GROUPS)  # laid out for decode: fused groups exist
+
+    def step(token, cache):
+        return model(token, cache=cache)[:, -1]
+
+    with torch.inference_mode():
+        traced, eager = model.new_cache(1), model.new_cache(1)
+        for cache in (traced, eager):
+            model(torch.tensor([[1, 2, 3]]), cache=cache)
+        explained = torch._dynamo.explain(step)(torch.tensor([[4]]), traced)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+        step(torch.tensor([[4]]), eager)
+        torch.testing.assert_close(step(torch.tensor([[5]]), traced), step(torch.tensor([[5]]), eager))

@@ -231,7 +231,8 @@ def group_forward(module: nn.Module, names: tuple[str, ...], x: torch.Tensor) ->
     and autograd is off (see the module docstring); the outputs are then views of one ``[..., sum out]``."""
     group = module.__dict__.get(_GROUPS, {}).get(names)
     linears = [getattr(module, name) for name in names]
-    if group is not None and not torch.is_grad_enabled() and _intact(group, linears):
+    if group is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+            and _intact(group, linears):  # (a traced step: inductor lays the linears out itself)
         out = group.linear(x, linears)
         return out.split(group.sizes, dim=-1) if len(names) > 1 else (out,)
     return tuple(linear(x) for linear in linears)

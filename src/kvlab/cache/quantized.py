@@ -14,11 +14,15 @@ Bytes: codes ``Q*W*bits/8`` + scales and zero points (cache dtype) + residual ``
 
 A forward attends to the dequantized old tokens plus the full-precision residual, which includes the
 tokens of this forward (they are quantized, if at all, after it), as in Hugging Face's QuantizedCache.
-A decode step (``QuantizedKVCacheLayer.attend``) reads the codes a block of tokens at a time
-(``block_tokens``): each block is only converted to float in a reused workspace (int4: unpacked by
-whole-word bit ops first); the key scales are folded into the query and the value scales into the
-probabilities, so no per-element scale work touches the big tensors. ``append`` (prefill, ``kv_from``
-consumers) and ``attend_reference`` (the reference in tests) build a full-size dequantized copy.
+A decode step (``QuantizedKVCacheLayer.attend``) reads the codes, never a dequantized copy, in one of two
+implementations of the same arithmetic: the compiled kernel (``quantized_kernel``, C++: each token's codes
+dequantized in registers; used on CPU where it builds) or torch ops reading a block of tokens at a time
+(``block_tokens``: each block only converted to float in a reused workspace, int4 unpacked by whole-word
+bit ops first; the key scales folded into the query and the value scales into the probabilities, so no
+per-element scale work touches the big tensors). ``benchmarks/kv_quant_decode.py``: at 8K the whole-model
+int8 / int4 step takes 0.87x fp32's with the kernel, 1.15x / 1.55x with the torch ops (2-core EPYC, 1
+thread). ``append`` (prefill, ``kv_from`` consumers) and ``attend_reference`` (the reference in tests)
+build a full-size dequantized copy.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import threading
 
 import torch
 
+from kvlab.cache import quantized_kernel
 from kvlab.cache.base import CacheLayer, GrowingBuffer
 
 BITS = {"int8": 8, "int4": 4}
@@ -35,8 +40,8 @@ BITS = {"int8": 8, "int4": 4}
 # workspace (rows x tokens x width x 4 bytes, rows = batch x KV heads) would outgrow ``WORKSPACE_BYTES``.
 # Measured on the 2-core EPYC (32 MiB L3), SmolLM2's GQA-3 shape: at batch 1, 2048 tokens beat 512 / 1024
 # (fewer small matmul calls); at batch 16 (48 rows) a 2048-token block's 25 MB workspace left the cache:
-# ``benchmarks/kv_quant_decode.py --batch 16`` at 4K, whole-model int8 step 1.39x fp32's with 512-token
-# blocks against 2.00x with 2048.
+# ``benchmarks/kv_quant_decode.py --batch 16`` at 4K (before the kernel, which needs no workspace), whole-model
+# int8 step 1.39x fp32's with 512-token blocks against 2.00x with 2048.
 BLOCK = 2048
 WORKSPACE_BYTES = 8 << 20
 
@@ -254,9 +259,10 @@ class QuantizedKVCacheLayer(CacheLayer):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                scale: float) -> torch.Tensor:
         """Store new ``k, v [B, Hkv, S, D]`` and attend ``q [B, Hkv, M, D]`` (query heads of a group folded
-        into ``M``) to every key held, reading the codes ``block_tokens`` at a time: each block is only
-        converted to float (int4: unpacked first) in a reused workspace; no dequantized copy exists.
-        The scales and zero points never touch the big tensors:
+        into ``M``) to every key held, reading the codes: through the compiled kernel where it is usable,
+        else ``block_tokens`` at a time, each block only converted to float (int4: unpacked first) in a
+        reused workspace; no dequantized copy exists. The scales and zero points never touch the big
+        tensors (the kernel does the same algebra per token):
 
         - keys (per channel, groups of ``G`` tokens): ``q . (s * c + z) = (q * s) . c + q . z``: one scaled
           query per group, ``qs [T/G, B, Hkv, M, D]``, one batched matmul per block over the groups;
@@ -307,6 +313,11 @@ class QuantizedKVCacheLayer(CacheLayer):
         b, h, m, d = qf.shape
         g, groups = ks.group, ks.quantized_length // ks.group
         scale, zero = ks.scale.view().float(), ks.zero.view().float()  # [B, Hkv, Q/G, D]
+        if quantized_kernel.usable(qf):  # the compiled loop: codes dequantized in registers
+            rows = lambda t: t.view(b * h, t.shape[2], t.shape[3])  # noqa: E731  [B, Hkv, n, w] -> [B*Hkv, n, w], a view
+            quantized_kernel.kernel().scores(rows(qf), rows(ks.codes.view()), rows(scale), rows(zero), g,
+                                             BITS[ks.quant], rows(out))
+            return
         qs = workspace("qs", (groups, b, h, m, d), qf.device)  # the query scaled per group: [Q/G, B, Hkv, M, D]
         s = scale.permute(2, 0, 1, 3).unsqueeze(3)  # [Q/G, B, Hkv, 1, D]
         if ks.quant == "int4":  # channels in the codes' word order
@@ -330,6 +341,11 @@ class QuantizedKVCacheLayer(CacheLayer):
         vs = self.v
         b, h, m, n_all = p.shape
         d = vs.width
+        if quantized_kernel.usable(p):
+            rows = lambda t: t.view(b * h, t.shape[2], t.shape[3])  # noqa: E731
+            out = quantized_kernel.kernel().values(rows(p), rows(vs.codes.view()), rows(vs.scale.view().float()),
+                                                   rows(vs.zero.view().float()), BITS[vs.quant])
+            return out.view(b, h, m, d)
         scale_t = vs.scale.view().transpose(-1, -2).float().contiguous()  # [B, Hkv, J, Q]
         zero_t = vs.zero.view().transpose(-1, -2).float().contiguous()
         j = scale_t.shape[2]
