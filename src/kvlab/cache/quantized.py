@@ -20,8 +20,8 @@ dequantized in registers; used on CPU where it builds) or torch ops reading a bl
 (``block_tokens``: each block only converted to float in a reused workspace, int4 unpacked by whole-word
 bit ops first; the key scales folded into the query and the value scales into the probabilities, so no
 per-element scale work touches the big tensors). ``benchmarks/kv_quant_decode.py``: at 8K the whole-model
-int8 / int4 step takes 0.87x fp32's with the kernel, 1.15x / 1.55x with the torch ops (2-core EPYC, 1
-thread). ``append`` (prefill, ``kv_from`` consumers) and ``attend_reference`` (the reference in tests)
+int8 / int4 step takes 0.89x / 0.95x fp32's with the kernel, 1.23x / 1.57x with the torch ops (2-core
+EPYC, 1 thread). ``append`` (prefill, ``kv_from`` consumers) and ``attend_reference`` (the reference in tests)
 build a full-size dequantized copy.
 """
 

@@ -30,13 +30,15 @@ _state: dict[str, object] = {}
 
 
 def _cpu_model() -> str:
+    """The CPU's model name and feature flags (a model name alone, "AMD EPYC" on a cloud VM, can hide
+    different instruction sets)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor()
+        return platform.processor()
+    model = next((line for line in lines if line.startswith("model name")), "")
+    flags = next((line for line in lines if line.startswith("flags")), "")
+    return f"{model}\n{flags}" if model or flags else platform.processor()
 
 
 def enabled() -> bool:
