@@ -314,9 +314,8 @@ class QuantizedKVCacheLayer(CacheLayer):
         g, groups = ks.group, ks.quantized_length // ks.group
         scale, zero = ks.scale.view().float(), ks.zero.view().float()  # [B, Hkv, Q/G, D]
         if quantized_kernel.usable(qf):  # the compiled loop: codes dequantized in registers
-            rows = lambda t: t.view(b * h, t.shape[2], t.shape[3])  # noqa: E731  [B, Hkv, n, w] -> [B*Hkv, n, w], a view
-            quantized_kernel.kernel().scores(rows(qf), rows(ks.codes.view()), rows(scale), rows(zero), g,
-                                             BITS[ks.quant], rows(out))
+            quantized_kernel.kernel().scores(_rows(qf), _rows(ks.codes.view()), _rows(scale), _rows(zero), g,
+                                             BITS[ks.quant], _rows(out))
             return
         qs = workspace("qs", (groups, b, h, m, d), qf.device)  # the query scaled per group: [Q/G, B, Hkv, M, D]
         s = scale.permute(2, 0, 1, 3).unsqueeze(3)  # [Q/G, B, Hkv, 1, D]
@@ -342,9 +341,8 @@ class QuantizedKVCacheLayer(CacheLayer):
         b, h, m, n_all = p.shape
         d = vs.width
         if quantized_kernel.usable(p):
-            rows = lambda t: t.view(b * h, t.shape[2], t.shape[3])  # noqa: E731
-            out = quantized_kernel.kernel().values(rows(p), rows(vs.codes.view()), rows(vs.scale.view().float()),
-                                                   rows(vs.zero.view().float()), BITS[vs.quant])
+            out = quantized_kernel.kernel().values(_rows(p), _rows(vs.codes.view()), _rows(vs.scale.view().float()),
+                                                   _rows(vs.zero.view().float()), BITS[vs.quant])
             return out.view(b, h, m, d)
         scale_t = vs.scale.view().transpose(-1, -2).float().contiguous()  # [B, Hkv, J, Q]
         zero_t = vs.zero.view().transpose(-1, -2).float().contiguous()
@@ -372,6 +370,12 @@ class QuantizedKVCacheLayer(CacheLayer):
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         return torch.matmul(scores.softmax(-1), values.float()).to(q.dtype)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``[B, H, n, w] -> [B*H, n, w]`` for the kernel, as a view: ``view`` raises where a copy would be
+    needed, and a copy of an output would silently drop what the kernel writes into it."""
+    return t.view(t.shape[0] * t.shape[1], t.shape[2], t.shape[3])
 
 
 def quantized_kv_bytes(spec, tokens: int, batch: int, elem_bytes: int) -> int:
