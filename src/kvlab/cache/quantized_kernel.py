@@ -4,11 +4,11 @@
 codes converted to float in a workspace (``quantized.py``), and these two C++ loops, which dequantize each
 token's codes in registers and so read the cache once at a quarter (int8) or an eighth (int4) of fp32's
 bytes. The kernel is used where it built: CPU tensors, float32 arithmetic. It is compiled with
-``torch.utils.cpp_extension`` (gcc + ninja, ~40 s once per machine: the build is cached in
-``~/.cache/kvlab/kernels``, or ``KVLAB_KERNEL_DIR``, under a name that includes the source, the flags and
-the CPU model, since ``-march=native`` code must not run on another CPU). Where the build fails (no compiler), the torch path
-runs and one warning says why. ``KVLAB_QUANT_KERNEL=0`` turns the kernel off (the torch path, for
-comparisons and tests).
+``torch.utils.cpp_extension`` (gcc + ninja, ~40 s once per machine). The build is cached in
+``~/.cache/kvlab/kernels`` (or ``KVLAB_KERNEL_DIR``) under a name that includes the source, the flags and
+the CPU's model and flags, since ``-march=native`` code must not run on another CPU. Where the build fails
+(no compiler), the torch path runs and one warning says why. ``KVLAB_QUANT_KERNEL=0`` turns the kernel off
+(the torch path, for comparisons and tests).
 """
 
 from __future__ import annotations
