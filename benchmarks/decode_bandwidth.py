@@ -73,6 +73,9 @@ for line in sys.stdin:
         fields = ("threads", "rows", "", "")  # the key: (threads, rows bucket[, dtype, weight shape])
         layout = {", ".join(f"{f} {x}".strip() for f, x in zip(fields, key)): "oneDNN packed" if v else "MKL"
                   for key, v in _PACKED_PAYS.items()}
+        from kvlab.linear_layout import _GEMV_PAYS  # (threads, rows, dtype, shape, against oneDNN): kvlab's kernel
+        layout.update({", ".join(f"{f} {x}".strip() for f, x in zip(fields, key)): "kvlab GEMV"
+                       for key, v in _GEMV_PAYS.items() if v})
     except ImportError:
         layout = None
     print(json.dumps({"times": times, "cpu": cpu, "bytes": weight_bytes + held, "weights": weight_bytes, "cache": held,
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             old = row["old"]
             line += f" {old['tok_s']:.1f} | {old['fraction_of_bandwidth']:.2f} | {row['speedup_new_vs_old']:.2f} | {row['same_greedy_tokens']} |"
         lines.append(line)
-    lines += ["", f"This tree's linears (``linear_layout.packed_pays``, measured in the worker): {rows[-1]['new']['linears']}.",
+    lines += ["", f"This tree's linears (``linear_layout.packed_pays`` / ``gemv_pays``, measured in the worker): {rows[-1]['new']['linears']}.",
               "", f"Medians over {args.rounds} rounds x {args.steps} steps; bandwidth: torch.sum over 1 GiB fp32 "
               "between rounds. Command: `python benchmarks/decode_bandwidth.py "
               + " ".join(argv if argv is not None else sys.argv[1:]) + "`"]

@@ -6,7 +6,9 @@ worth; 2 copies of the head) so the caches do not serve them, as in the real mod
 - ``separate``: one column-major ``F.linear`` per member (MKL), what kvlab ran before fused groups;
 - ``fused``: one column-major ``F.linear`` over the group's concatenated weight, split (MKL);
 - ``packed``: the same through oneDNN on a weight reordered once (``torch.ops.mkldnn``), kvlab's CPU path
-  where ``packed_pays`` measures it faster (the last column says which one kvlab runs here).
+  where ``packed_pays`` measures it faster;
+- ``gemv``: kvlab's GEMV kernel (``kernels/csrc/gemv.cpp``) on the fused column-major weight, for up to
+  ``GEMV_MAX_ROWS`` rows, where ``gemv_pays`` measures it faster (the last column says which one kvlab runs).
 At batch 1 (GEMV) and 16 (decode of 16 sequences). Variants alternate round by round in one process; a
 ``torch.sum`` over 1 GiB probes read bandwidth in the same run, and each read speed is weight bytes / time.
 
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 from decode_bandwidth import cpu_flags, read_seconds  # noqa: E402
 
-from kvlab.linear_layout import packed_linear, packed_pays, packed_weight  # noqa: E402
+from kvlab.linear_layout import gemv, gemv_applies, gemv_pays, packed_linear, packed_pays, packed_weight  # noqa: E402
 
 GROUPS = {"q/k/v": (576, (576, 192, 192), 30), "o": (576, (576,), 30), "gate/up": (576, (1536, 1536), 30),
           "down": (1536, (576,), 30), "LM head": (576, (49152,), 2)}  # input width, outputs, distinct copies
@@ -85,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
                     packed_linear(x, w).split(outs, -1) for w in packed]
                 torch.testing.assert_close(packed_linear(x, packed[0]),
                                            F.linear(x, fused[0]), **tol)
+            if gemv_applies(x, fused[0]):
+                run["gemv"] = lambda x=x, fused=fused, outs=outs: [gemv(x, w).split(outs, -1) for w in fused]
+                torch.testing.assert_close(gemv(x, fused[0]), F.linear(x, fused[0]), **tol)
             if reference:
                 run["fp32 packed"] = lambda x=x.float(), reference=reference, outs=outs: [
                     packed_linear(x, w).split(outs, -1) for w in reference]
@@ -103,9 +108,11 @@ def main(argv: list[str] | None = None) -> None:
                       **{f"{k}_GBps": nbytes / s / 1e9 for k, s in seconds.items()},
                       **{f"{k}_speedup": seconds["separate"] / s for k, s in seconds.items()}}
             data.append(result)
-            result["kvlab_runs"] = "packed" if packed[0] is not None and packed_pays(fused[0], batch) else "fused"
+            pays = packed[0] is not None and packed_pays(fused[0], batch)
+            result["kvlab_runs"] = ("gemv" if "gemv" in run and gemv_pays(fused[0], batch, pays)
+                                    else "packed" if pays else "fused")
             cells = [f"{result[f'{k}_ms']:.3f} ({result[f'{k}_GBps']:.1f} GB/s, {result[f'{k}_speedup']:.2f}x)"
-                     if k in seconds else "-" for k in ("separate", "fused", "packed")]
+                     if k in seconds else "-" for k in ("separate", "fused", "packed", "gemv")]
             if reference:  # fp32's packed path in the same rounds: its ms and this dtype's packed speed-up over it
                 result["packed_vs_fp32_packed"] = seconds["fp32 packed"] / seconds["packed"] if "packed" in seconds else None
                 cells.append(f"{result['fp32 packed_ms']:.3f} ({fmt_ratio(result['packed_vs_fp32_packed'])})")
@@ -114,11 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     extra = " fp32 fused + packed, same run: ms (bf16 packed speed-up) |" if dtype != torch.float32 else ""
     lines = [f"# Decode weight layout vs plain linears (SmolLM2-135M shapes, {args.dtype}, {args.threads} threads)",
              "", f"CPU flags: {' '.join(cpu_flags())}", "",
-             "| linears | batch | probe read GB/s | separate: ms (read GB/s, x) | fused | fused + packed |" + extra
-             + " kvlab runs |", "|---" * (7 + bool(extra)) + "|", *rows, "",
+             "| linears | batch | probe read GB/s | separate: ms (read GB/s, x) | fused | fused + packed | kvlab GEMV |"
+             + extra + " kvlab runs |", "|---" * (8 + bool(extra)) + "|", *rows, "",
              "Milliseconds per layer (per copy of the head); x = speed-up over separate. kvlab runs: what "
-             "`linear_layout.packed_pays` chose in this process (measured once per thread count, rows bucket, dtype "
-             f"and weight shape). Medians of {rounds} "
+             "`linear_layout.packed_pays` / `gemv_pays` chose in this process (measured once per thread count, rows "
+             f"bucket, dtype and weight shape). Medians of {rounds} "
              "alternating rounds (each 3 passes over the distinct weights); GB/s = weight bytes / time; probe: "
              "torch.sum over 1 GiB between rounds. Command: `python benchmarks/fused_linears.py "
              + " ".join(argv if argv is not None else sys.argv[1:]) + "`"]

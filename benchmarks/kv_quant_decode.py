@@ -3,7 +3,7 @@
 Models: random-init kvlab configs of SmolLM2-135M's shape (30 GQA-3 layers, d 576; weights do not change
 speed), one per cache: fp32, int8, int4, and int8 / int4 on the reference read path (``append``'s full-size
 dequantized copy, the pre-issue-17 behaviour; forced by marking each layer as having a ``kv_from``
-consumer). "int8" / "int4" read the codes through the compiled kernel (``cache/quantized_kernel.py``:
+consumer). "int8" / "int4" read the codes through the compiled kernel (``kernels/__init__.py``:
 dequantized in registers); "int8 / int4 torch ops" through the torch-ops read (codes converted to float
 block by block in a workspace, ``KVLAB_QUANT_KERNEL=0``), the read before the kernel. With ``--batch``
 above 1, "int8 / int4 2048-token blocks" time the torch-ops read with the block size fixed at 2048 tokens,
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import kvlab.cache.quantized as quantized
-from kvlab.cache import quantized_kernel
+from kvlab.kernels import QUANTIZED
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, write_results  # noqa: E402
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.contexts, args.layers, args.rounds, args.steps, name = [512], 2, 2, 2, name + "_quick"
     torch.set_num_threads(args.threads)
-    if quantized_kernel.kernel() is None:
+    if QUANTIZED.module() is None:
         sys.exit("the quantized-KV decode kernel did not build here: 'int8' / 'int4' would time the torch ops")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     variants = VARIANTS | (FIXED if args.batch > 1 else {})

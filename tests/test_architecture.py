@@ -14,6 +14,7 @@ LAYERS = [
     ("config", {"kvlab._version", "kvlab.errors", "kvlab.safe_io", "kvlab.typecheck", "kvlab.plugins", "kvlab.config_options",
                 "kvlab.config"}),
     ("runtime", {"kvlab.rope", "kvlab.norms", "kvlab.mlp", "kvlab.linear_layout", "kvlab.registry", "kvlab.sharing", "kvlab.cache",
+                 "kvlab.kernels",
                  "kvlab.hyper_connections", "kvlab.per_layer_embeddings", "kvlab.attention"}),
     ("model", {"kvlab.model"}),
 ]

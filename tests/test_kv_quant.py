@@ -15,11 +15,11 @@ from kvlab.cache.quantized import dequantize, quantize, quantized_tokens, stream
 @pytest.fixture(params=["kernel", "torch ops"])
 def read_path(request, monkeypatch):
     """Both implementations of ``QuantizedKVCacheLayer.attend``'s codes read: the compiled kernel
-    (``quantized_kernel``; skipped where it cannot be built) and the torch ops over float blocks."""
-    from kvlab.cache import quantized_kernel
+    (``kernels.QUANTIZED``; skipped where it cannot be built) and the torch ops over float blocks."""
+    from kvlab.kernels import QUANTIZED
 
     monkeypatch.setenv("KVLAB_QUANT_KERNEL", "1" if request.param == "kernel" else "0")
-    if request.param == "kernel" and quantized_kernel.kernel() is None:
+    if request.param == "kernel" and QUANTIZED.module() is None:
         pytest.skip("the quantized-KV decode kernel did not build on this machine")
     return request.param
 
@@ -287,10 +287,10 @@ def test_attend_on_codes_with_blocks_shrunk_by_the_workspace_bound(kind, monkeyp
 def test_kernel_equals_torch_ops_on_a_bf16_cache_with_long_strided_rows(kind, monkeypatch):
     # a bf16 cache (scales stored in bf16), 3 x 2048-token chunks (the kernel's work items), a preallocated
     # buffer (rows strided by its capacity): the kernel and the torch-ops read agree
-    from kvlab.cache import quantized_kernel
     from kvlab.cache.quantized import QuantizedKVCacheLayer
+    from kvlab.kernels import QUANTIZED
 
-    if quantized_kernel.kernel() is None:
+    if QUANTIZED.module() is None:
         pytest.skip("the quantized-KV decode kernel did not build on this machine")
     gen = torch.Generator().manual_seed(3)
     layer = QuantizedKVCacheLayer(2, 3, 64, torch.bfloat16, quant=kind, group=32, residual=32)
@@ -310,18 +310,18 @@ def test_kernel_equals_torch_ops_on_a_bf16_cache_with_long_strided_rows(kind, mo
 def test_a_kernel_that_cannot_build_warns_once_and_decode_uses_the_torch_ops(tmp_path, monkeypatch):
     # no compiler / broken toolchain stands in as a source that does not compile: one warning, no
     # exception, the same answers through the torch ops; KVLAB_QUANT_KERNEL=0 turns a built kernel off
-    from kvlab.cache import quantized_kernel
     from kvlab.cache.quantized import QuantizedKVCacheLayer
+    from kvlab.kernels import QUANTIZED
 
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(quantized_kernel, "SOURCE", broken)
-    monkeypatch.setattr(quantized_kernel, "_state", {})
+    monkeypatch.setattr(QUANTIZED, "source", broken)
+    monkeypatch.setattr(QUANTIZED, "built", {})
     monkeypatch.setenv("KVLAB_KERNEL_DIR", str(tmp_path / "kernels"))
     monkeypatch.setenv("KVLAB_QUANT_KERNEL", "1")
     with pytest.warns(UserWarning, match="quantized-KV decode kernel not built"):
-        assert quantized_kernel.kernel() is None
-    assert quantized_kernel.kernel() is None and not quantized_kernel.usable(torch.zeros(1))  # no second build
+        assert QUANTIZED.module() is None
+    assert QUANTIZED.module() is None and not QUANTIZED.usable(torch.zeros(1))  # no second build
     gen = torch.Generator().manual_seed(0)
     fast, ref = (QuantizedKVCacheLayer(1, 2, 16, torch.float32, quant="int8", group=4, residual=2) for _ in range(2))
     k, v = torch.randn(1, 2, 20, 16, generator=gen), torch.randn(1, 2, 20, 16, generator=gen)
@@ -330,9 +330,9 @@ def test_a_kernel_that_cannot_build_warns_once_and_decode_uses_the_torch_ops(tmp
     q, k1 = torch.randn(1, 2, 2, 16, generator=gen), torch.randn(1, 2, 1, 16, generator=gen)
     with torch.no_grad():
         torch.testing.assert_close(fast.attend(q, k1, k1, None, 0.25), ref.attend_reference(q, k1, k1, None, 0.25))
-    monkeypatch.setattr(quantized_kernel, "_state", {"module": object()})  # "built"
+    monkeypatch.setattr(QUANTIZED, "built", {"module": object()})  # "built"
     monkeypatch.setenv("KVLAB_QUANT_KERNEL", "0")
-    assert quantized_kernel.kernel() is None
+    assert QUANTIZED.module() is None
 
 
 @pytest.mark.slow
@@ -343,15 +343,15 @@ def test_the_kernel_built_without_avx512_equals_the_reference(kind, monkeypatch)
     import platform
     from pathlib import Path
 
-    from kvlab.cache import quantized_kernel
+    from kvlab.kernels import QUANTIZED
 
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     if platform.machine() != "x86_64" or " avx2" not in flags:
         pytest.skip("needs an x86-64 CPU with AVX2")
-    monkeypatch.setattr(quantized_kernel, "FLAGS", ["-O3", "-march=x86-64-v3", "-fopenmp"])
-    monkeypatch.setattr(quantized_kernel, "_state", {})
+    monkeypatch.setattr(QUANTIZED, "flags", ["-O3", "-march=x86-64-v3", "-fopenmp"])
+    monkeypatch.setattr(QUANTIZED, "built", {})
     monkeypatch.setenv("KVLAB_QUANT_KERNEL", "1")
-    if quantized_kernel.kernel() is None:
+    if QUANTIZED.module() is None:
         pytest.skip("the quantized-KV decode kernel did not build on this machine")
     for shape in [(1, 3, 3, 64, 32, 32, 64), (2, 2, 2, 128, 8, 3, 64), (2, 2, 4, 24, 8, 4, 24)]:
         test_attend_on_codes_equals_dequantize_then_attend(kind, *shape, monkeypatch, "kernel")

@@ -11,7 +11,10 @@ GEMMs. Measured at SmolLM2-135M's shapes (``benchmarks/fused_linears.py``):
 - in bf16, where oneDNN has a native kernel (AVX512-BF16 on that Zen 4 EPYC), the packed linear takes
   0.5-0.67x fp32's packed time at one row and 0.36-0.48x at 16 (``fused_linears.py --dtype bfloat16``),
   while MKL's bf16 GEMV on the plain weight reads only 6-14 GB/s;
-- without oneDNN, a column-major weight (``[out, in]`` stored ``in``-major) makes MKL's GEMV 1.3-1.9x faster.
+- without oneDNN, a column-major weight (``[out, in]`` stored ``in``-major) makes MKL's GEMV 1.3-1.9x faster;
+- kvlab's own GEMV kernel (``kernels/csrc/gemv.cpp``: each thread streams a contiguous range of the
+  column-major weight's rows) beats both at one row, 1.3-1.7x the faster of them in fp32 on that EPYC, and
+  needs no packed copy: it runs for up to ``GEMV_MAX_ROWS`` rows where ``gemv_pays`` measures it faster.
 
 A *fused group* keeps each member an ordinary ``nn.Linear`` with its usual name, shape and values (state
 dicts, checkpoints and exports see nothing new), but its ``weight`` (and ``bias``) become row blocks of one
@@ -27,6 +30,8 @@ bumps their versions: the stale packed copy is then skipped for the fused tensor
 from __future__ import annotations
 
 import functools
+import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -34,6 +39,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kvlab import kernels
+from kvlab.kernels import GEMV
 
 _GROUPS = "_fused_groups"  # module.__dict__ entry: names -> FusedGroup (not a parameter, not a buffer)
 
@@ -92,11 +100,78 @@ class FusedGroup:
         return None
 
     def linear(self, x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
-        """``x @ weight.T + bias``, on the packed copy while it is current and where it was measured faster."""
-        if (self.packed is not None and x.dtype == self.weight.dtype and _versions(linears) == self.versions
-                and packed_pays(self.weight, x.numel() // x.shape[-1])):
+        """``x @ weight.T + bias``: through kvlab's GEMV kernel for a few rows, or on the packed copy while it
+        is current, where each was measured faster than the alternative."""
+        rows = x.numel() // x.shape[-1]
+        packed = (self.packed is not None and x.dtype == self.weight.dtype and _versions(linears) == self.versions
+                  and packed_pays(self.weight, rows))
+        if gemv_applies(x, self.weight) and gemv_pays(self.weight, rows, packed):
+            return gemv(x, self.weight, self.bias)
+        if packed:
             return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+GEMV_MAX_ROWS = 4  # the GEMV kernel's rows: batch-1 decode (1) and small batches
+GEMV_MIN_BYTES = 1 << 18  # smaller weights (toy models) stay on F.linear: nothing there to gain
+_GEMV_PAYS: dict[tuple, bool] = {}  # (threads, rows bucket, dtype, shape, against oneDNN) -> measured
+DECISIONS = "linear_decisions.json"  # in kernels.cache_dir(): gemv_pays' measurements, kept per machine
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` through ``kernels.GEMV`` (``kernels/csrc/gemv.cpp``: one sequential pass over
+    the weight per thread, float32 sums). ``weight [out, in]`` column-major (as ``fuse_`` stores it), float32 or
+    bfloat16; ``x [..., in]``; the result in ``x``'s dtype."""
+    rows = x.reshape(-1, x.shape[-1]).float()  # [M, in]
+    b = bias.float() if bias is not None else torch.empty(0)
+    return GEMV.module().linear(rows, weight.t(), b).view(*x.shape[:-1], -1).to(x.dtype)
+
+
+def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """``gemv`` can run this call: a few rows, a column-major CPU weight worth a kernel, x of its dtype."""
+    return (x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and weight.dim() == 2 and weight.stride(0) == 1
+            and weight.nbytes >= GEMV_MIN_BYTES and weight.dtype in (torch.float32, torch.bfloat16)
+            and x.dtype == weight.dtype and GEMV.usable(weight, x))
+
+
+def gemv_pays(weight: torch.Tensor, rows: int, against_packed: bool) -> bool:
+    """Whether ``gemv`` beats what would run instead (oneDNN on the packed copy, or ``F.linear``) on this
+    machine, thread count, rows (1, or 2-4 measured at 4), dtype and weight shape: measured once per machine
+    and key (~0.25 s each; SmolLM2's five shapes took ~1 s at the first decode step of every process), then
+    kept in ``kernels.cache_dir()/linear_decisions.json`` under the CPU and torch version (``machine_key``)."""
+    bucket = 1 if rows <= 1 else GEMV_MAX_ROWS
+    key = (torch.get_num_threads(), bucket, weight.dtype, tuple(weight.shape), against_packed)
+    if key not in _GEMV_PAYS:
+        stored = "|".join(map(str, (kernels.machine_key(), "gemv", *key)))
+        decisions = _stored_decisions()
+        if stored not in decisions:
+            times = _timings(weight, bucket, ("gemv", "onednn" if against_packed else "mkl"))
+            decisions[stored] = times["onednn" if against_packed else "mkl"] / times["gemv"] >= PACKED_MARGIN
+            _store_decisions(decisions)
+        _GEMV_PAYS[key] = bool(decisions[stored])
+    return _GEMV_PAYS[key]
+
+
+def _stored_decisions() -> dict[str, bool]:
+    """Decisions measured earlier on this machine (an unreadable or foreign file counts as none)."""
+    try:
+        data = json.loads((kernels.cache_dir() / DECISIONS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, bool)} if isinstance(data, dict) else {}
+
+
+def _store_decisions(decisions: dict[str, bool]) -> None:
+    """Write the decisions file atomically (a rename); a read-only or missing cache folder only costs the
+    next process a measurement."""
+    path = kernels.cache_dir() / DECISIONS
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{DECISIONS}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(decisions, indent=0, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 PACKED_MARGIN = 1.05  # oneDNN must be this much faster than MKL to be used
@@ -122,22 +197,31 @@ def packed_pays(weight: torch.Tensor, rows: int) -> bool:
     return _PACKED_PAYS[key]
 
 
-@torch.no_grad()
 def _measure_packed(weight: torch.Tensor, rows: int) -> float:
-    """MKL time / oneDNN time of ``x [rows, in] @ weight.T``: medians of 20 interleaved passes (7 for a
-    prefill's rows) over copies of ``weight`` (64 MiB of them for one row, twice a 32 MiB L3, so they come
-    from memory as in a model's step, and each kernel's pass evicts the other's copies; 16 MiB for more
-    rows, which compute more per byte). Copying and packing the copies takes about half of the ~0.25 s."""
+    """MKL time / oneDNN time of ``x [rows, in] @ weight.T`` (``_timings``)."""
+    times = _timings(weight, rows, ("mkl", "onednn"))
+    return times["mkl"] / times["onednn"]
+
+
+@torch.no_grad()
+def _timings(weight: torch.Tensor, rows: int, kernels: tuple[str, ...]) -> dict[str, float]:
+    """Seconds of ``x [rows, in] @ weight.T`` by each of ``kernels`` ("mkl": ``F.linear``, "onednn": on packed
+    copies, "gemv": kvlab's): medians of 20 interleaved passes (7 for a prefill's rows) over copies of
+    ``weight`` (64 MiB of them for one row, twice a 32 MiB L3, so they come from memory as in a model's step,
+    and each kernel's pass evicts the other's copies; 16 MiB for more rows, which compute more per byte).
+    Copying and packing the copies takes about half of the ~0.25 s."""
     budget = (64 if rows == 1 else 16) << 20
     weight = weight[: max(1, (budget // 2) // (weight.shape[1] * weight.element_size()))]  # an LM head: a slice
     copies = max(2, min(256, budget // max(weight.nbytes, 1)))
     column_major = weight.stride(0) == 1  # as the model stores it (a slice of the head too): copies keep that
     dense = [weight.detach().t().clone(memory_format=torch.contiguous_format).t() if column_major
              else weight.detach().clone(memory_format=torch.contiguous_format) for _ in range(copies)]
-    packed = [packed_weight(w) for w in dense]
+    packed = [packed_weight(w) for w in dense] if "onednn" in kernels else []
     x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
     passes = {"mkl": lambda: [F.linear(x, w) for w in dense],
-              "onednn": lambda: [packed_linear(x, w) for w in packed]}
+              "onednn": lambda: [packed_linear(x, w) for w in packed],
+              "gemv": lambda: [gemv(x, w) for w in dense]}
+    passes = {name: passes[name] for name in kernels}
     seconds: dict[str, list[float]] = {name: [] for name in passes}
     for i in range(21 if rows <= 32 else 8):  # the first round warms up; a decode pass is a few ms: many
         for name, run in passes.items():
@@ -145,7 +229,7 @@ def _measure_packed(weight: torch.Tensor, rows: int) -> float:
             run()
             if i:
                 seconds[name].append(time.perf_counter() - start)
-    return statistics.median(seconds["mkl"]) / statistics.median(seconds["onednn"])
+    return {name: statistics.median(times) for name, times in seconds.items()}
 
 
 def _versions(linears: list[nn.Linear]) -> tuple[int, ...]:
@@ -219,8 +303,6 @@ def _fuse(module: nn.Module, names: tuple[str, ...], present: list[nn.Linear], p
             start = rows.stop
     # a packed copy must be able to go stale visibly: not for parameters without a version counter
     packed = packed_weight(weight) if pack and -1 not in _versions(linears) else None
-    if len(linears) == 1 and packed is None:
-        return  # a lone linear gains nothing from a group without the packed copy
     groups[names] = FusedGroup(weight.detach(), None if bias is None else bias.detach(),
                                tuple(linear.out_features for linear in linears),
                                tuple(linear.weight.data_ptr() for linear in linears), packed, _versions(linears))

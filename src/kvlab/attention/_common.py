@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from kvlab.kernels import FLOAT
 from kvlab.rope import Rotary
 
 EMPTY_STEP = -(2**40)  # the step of a never-written cache slot: before every query's window, so every mask rejects it
@@ -96,10 +97,13 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     q ``[B, H, S, D]``, k ``[B, Hkv, T, D]``, v ``[B, Hkv, T, Dv]``, mask ``[B|1, 1, S, T]`` bool or None.
     Returns ``[B, H, S, Dv]``. With a mask (or one query) the G = H / Hkv query heads of a group are
     folded into the query axis, ``[B, Hkv, G*S, D]``, so each K/V head is read once (2-3x faster on CPU
-    than ``enable_gqa``); causal full-sequence attention uses the fused causal kernel.
+    than ``enable_gqa``); causal full-sequence attention uses the fused causal kernel. One query per row
+    (decode) on CPU goes through kvlab's one-pass kernel where it applies (``decode_attention``).
     """
     batch, heads, seq, dim = q.shape
     kv_heads = k.shape[1]
+    if seq == 1 and _decode_kernel_applies(q, k, v, mask):
+        return decode_attention(q, k, v, mask, scale)
     if seq > 1 and v.shape[-1] != dim:
         return _equal_head_dims(q, k, v, mask, causal, scale)
     if kv_heads == heads:
@@ -113,6 +117,36 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(mask.shape[0], 1, group * seq, -1)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     return out.view(batch, heads, seq, v.shape[-1])
+
+
+def _decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """``FLOAT`` can take this decode call: a float32 / bfloat16 cache whose ``[B, Hkv]`` rows fold into one
+    axis without a copy, a boolean mask (or none), nothing to differentiate, no trace being recorded."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                      or v.requires_grad)):
+        return False
+    if k.dtype != v.dtype or k.dtype not in (torch.float32, torch.bfloat16) or q.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if mask is not None and (mask.dtype != torch.bool or mask.shape[1] != 1 or mask.shape[2] != 1):
+        return False
+    folds = all(t.stride(-1) == 1 and t.stride(0) == t.shape[1] * t.stride(1) for t in (k, v))
+    return folds and FLOAT.usable(q, k, v)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float | None) -> torch.Tensor:
+    """``grouped_sdpa`` for one query per row through ``FLOAT`` (``kernels/csrc/float_attention.cpp``): scores,
+    softmax and values in one pass over the cache, in float32. q ``[B, H, 1, D]``, k ``[B, Hkv, T, D]``,
+    v ``[B, Hkv, T, Dv]`` (float32 or bfloat16, rows possibly strided by a buffer's capacity), mask
+    ``[B|1, 1, 1, T]`` bool or None. Returns ``[B, H, 1, Dv]`` in q's dtype."""
+    batch, heads, _, dim = q.shape
+    kv_heads, tokens = k.shape[1], k.shape[2]
+    rows = q.reshape(batch * kv_heads, heads // kv_heads, dim).float()  # [B*Hkv, G, D]: head h = kv_head * G + g
+    keys = k.view(batch * kv_heads, tokens, dim)  # [B*Hkv, T, D]
+    values = v.view(batch * kv_heads, tokens, v.shape[-1])
+    visible = mask[:, 0, 0, :] if mask is not None else torch.empty(0, 0, dtype=torch.bool)  # [B|1, T]
+    out = FLOAT.module().attend(rows, keys, values, visible, dim ** -0.5 if scale is None else scale)
+    return out.view(batch, heads, 1, -1).to(q.dtype)
 
 
 def _equal_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -15,7 +15,7 @@ Bytes: codes ``Q*W*bits/8`` + scales and zero points (cache dtype) + residual ``
 A forward attends to the dequantized old tokens plus the full-precision residual, which includes the
 tokens of this forward (they are quantized, if at all, after it), as in Hugging Face's QuantizedCache.
 A decode step (``QuantizedKVCacheLayer.attend``) reads the codes, never a dequantized copy, in one of two
-implementations of the same arithmetic: the compiled kernel (``quantized_kernel``, C++: each token's codes
+implementations of the same arithmetic: the compiled kernel (``kernels.QUANTIZED``, C++: each token's codes
 dequantized in registers; used on CPU where it builds) or torch ops reading a block of tokens at a time
 (``block_tokens``: each block only converted to float in a reused workspace, int4 unpacked by whole-word
 bit ops first; the key scales folded into the query and the value scales into the probabilities, so no
@@ -32,8 +32,8 @@ import threading
 
 import torch
 
-from kvlab.cache import quantized_kernel
 from kvlab.cache.base import CacheLayer, GrowingBuffer
+from kvlab.kernels import QUANTIZED
 
 BITS = {"int8": 8, "int4": 4}
 # Tokens read at a time by ``QuantizedKVCacheLayer.attend``: at most ``BLOCK``, fewer when a block's float
@@ -313,9 +313,9 @@ class QuantizedKVCacheLayer(CacheLayer):
         b, h, m, d = qf.shape
         g, groups = ks.group, ks.quantized_length // ks.group
         scale, zero = ks.scale.view().float(), ks.zero.view().float()  # [B, Hkv, Q/G, D]
-        if quantized_kernel.usable(qf):  # the compiled loop: codes dequantized in registers
-            quantized_kernel.kernel().scores(_rows(qf), _rows(ks.codes.view()), _rows(scale), _rows(zero), g,
-                                             BITS[ks.quant], _rows(out))
+        if QUANTIZED.usable(qf):  # the compiled loop: codes dequantized in registers
+            QUANTIZED.module().scores(_rows(qf), _rows(ks.codes.view()), _rows(scale), _rows(zero), g,
+                                      BITS[ks.quant], _rows(out))
             return
         qs = workspace("qs", (groups, b, h, m, d), qf.device)  # the query scaled per group: [Q/G, B, Hkv, M, D]
         s = scale.permute(2, 0, 1, 3).unsqueeze(3)  # [Q/G, B, Hkv, 1, D]
@@ -340,9 +340,9 @@ class QuantizedKVCacheLayer(CacheLayer):
         vs = self.v
         b, h, m, n_all = p.shape
         d = vs.width
-        if quantized_kernel.usable(p):
-            out = quantized_kernel.kernel().values(_rows(p), _rows(vs.codes.view()), _rows(vs.scale.view().float()),
-                                                   _rows(vs.zero.view().float()), BITS[vs.quant])
+        if QUANTIZED.usable(p):
+            out = QUANTIZED.module().values(_rows(p), _rows(vs.codes.view()), _rows(vs.scale.view().float()),
+                                            _rows(vs.zero.view().float()), BITS[vs.quant])
             return out.view(b, h, m, d)
         scale_t = vs.scale.view().transpose(-1, -2).float().contiguous()  # [B, Hkv, J, Q]
         zero_t = vs.zero.view().transpose(-1, -2).float().contiguous()

@@ -1,7 +1,7 @@
 // Decode attention over KIVI-quantized K/V codes (kvlab.cache.quantized), dequantized in registers: the
 // codes are read once, never converted into a float copy in memory. Two kernels, with torch's softmax
-// between them (kvlab.cache.quantized_kernel calls them; QuantizedKVCacheLayer.attend_reference is the
-// naive reference they are tested against):
+// between them (kvlab.kernels builds them and QuantizedKVCacheLayer.attend calls them;
+// QuantizedKVCacheLayer.attend_reference is the naive reference they are tested against):
 //
 //   scores(q, codes, scale, zero, group, bits, out):  out[r, m, t] = q[r, m] . (zero[r, t/G] + codes[r, t] * scale[r, t/G])
 //       keys quantized per channel over groups of G tokens; q . (s*c + z) = (q*s) . c + q . z, so the scale
@@ -14,16 +14,16 @@
 // the high one); rows and tokens may be strided (the cache's preallocated buffers). Float32 throughout,
 // parallel over rows and token / channel blocks with torch's thread pool (at::parallel_for).
 
-#include <torch/extension.h>
-
 #include <algorithm>
 #include <vector>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
+
+#ifdef __AVX512F__
+using kvlab::sum16;
+#endif
 
 constexpr int64_t CHUNK = 2048;  // tokens per work item: rows x chunks keep both threads busy at batch 1
 
@@ -96,7 +96,7 @@ void scores_impl(const torch::Tensor& q, const torch::Tensor& codes, const torch
   const int64_t per_item = std::max<int64_t>(1, std::min<int64_t>(groups, CHUNK / group));  // groups per item
   const int64_t items_per_row = (groups + per_item - 1) / per_item;
   at::parallel_for(0, rows * items_per_row, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qs(m_rows * dim), bias(m_rows), row(dim);
+    std::vector<float> qs(m_rows * dim), bias(m_rows), row(dim), x16(16 * dim);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / items_per_row, g0 = (item % items_per_row) * per_item;
       const int64_t g1 = std::min(groups, g0 + per_item);
@@ -109,7 +109,28 @@ void scores_impl(const torch::Tensor& q, const torch::Tensor& codes, const torch
           for (int64_t d = 0; d < dim; ++d) qs[m * dim + d] = qm[d] * s[d];
           bias[m] = dot(qm, z, dim);
         }
-        for (int64_t t = g * group; t < (g + 1) * group; ++t) {
+        int64_t t = g * group;
+#ifdef __AVX512F__
+        if (dim % 16 == 0 && dim <= 128) {  // 16 tokens at a time: dequantized once into x, then per query row
+          for (; t + 16 <= (g + 1) * group; t += 16) {
+            for (int j = 0; j < 16; ++j)
+              for (int64_t k = 0; k < dim / 16; ++k)
+                _mm512_storeu_ps(x16.data() + j * dim + 16 * k, load16<BITS>(keys.token(r, t + j) + k * 16 * BITS / 8));
+            for (int64_t m = 0; m < m_rows; ++m) {
+              const float* w = qs.data() + m * dim;
+              __m512 acc[16];
+              for (int j = 0; j < 16; ++j) {
+                const float* xj = x16.data() + j * dim;
+                acc[j] = _mm512_mul_ps(_mm512_loadu_ps(xj), _mm512_loadu_ps(w));
+                for (int64_t k = 1; k < dim / 16; ++k)
+                  acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(xj + 16 * k), _mm512_loadu_ps(w + 16 * k), acc[j]);
+              }
+              _mm512_storeu_ps(op + r * o_r + m * o_m + t, _mm512_add_ps(sum16(acc), _mm512_set1_ps(bias[m])));
+            }
+          }
+        }
+#endif
+        for (; t < (g + 1) * group; ++t) {
           const uint8_t* c = keys.token(r, t);
           float* o = op + r * o_r + t;
 #ifdef __AVX512F__
@@ -146,16 +167,35 @@ torch::Tensor values_impl(const torch::Tensor& p, const torch::Tensor& codes, co
   const int64_t p_r = p.stride(0), p_m = p.stride(1);
 #ifdef __AVX512F__
   const bool vector = dim % 16 == 0 && dim <= 256 && width % 16 == 0;  // a 16-channel vector in one scale group
+  const bool in_registers = vector && dim <= 64 && m_rows <= 4;  // <= 16 accumulators
 #endif
   at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> row(dim);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / chunks, t0 = (item % chunks) * CHUNK, t1 = std::min(tokens, t0 + CHUNK);
       float* acc = op + item * m_rows * dim;
+#ifdef __AVX512F__
+      __m512 regs[4][4];
+      if (in_registers)
+        for (int64_t m = 0; m < m_rows; ++m)
+          for (int64_t k = 0; k < dim / 16; ++k) regs[m][k] = _mm512_setzero_ps();
+#endif
       for (int64_t t = t0; t < t1; ++t) {
         const uint8_t* c = vals.token(r, t);
         const float *s = vals.scale_at(r, t), *z = vals.zero_at(r, t);
 #ifdef __AVX512F__
+        if (in_registers) {  // the accumulators stay in registers across the block's tokens
+          __m512 v[4];
+          for (int64_t k = 0; k < dim / 16; ++k) {
+            const int64_t j = k * 16 / width;
+            v[k] = _mm512_fmadd_ps(load16<BITS>(c + k * 16 * BITS / 8), _mm512_set1_ps(s[j]), _mm512_set1_ps(z[j]));
+          }
+          for (int64_t m = 0; m < m_rows; ++m) {
+            const __m512 w = _mm512_set1_ps(pp[r * p_r + m * p_m + t]);
+            for (int64_t k = 0; k < dim / 16; ++k) regs[m][k] = _mm512_fmadd_ps(w, v[k], regs[m][k]);
+          }
+          continue;
+        }
         if (vector) {
           __m512 v[16];
           for (int64_t k = 0; k < dim / 16; ++k) {
@@ -184,6 +224,11 @@ torch::Tensor values_impl(const torch::Tensor& p, const torch::Tensor& codes, co
           for (int64_t d = 0; d < dim; ++d) a[d] += w * v[d];
         }
       }
+#ifdef __AVX512F__
+      if (in_registers)
+        for (int64_t m = 0; m < m_rows; ++m)
+          for (int64_t k = 0; k < dim / 16; ++k) _mm512_storeu_ps(acc + m * dim + 16 * k, regs[m][k]);
+#endif
     }
   });
   return chunks == 1 ? partial.squeeze(1) : partial.sum(1);

@@ -1,0 +1,218 @@
+// Decode attention over a float32 or bfloat16 K/V cache in one pass (flash-decoding): for each row and
+// block of tokens, the scores, their softmax and the weighted sum of the values, with the blocks' partial
+// results merged at the end. Each key and value is read once, from the cache's own (strided) buffers, and
+// the work is split over rows x token blocks so both threads work at batch 1. kvlab.kernels builds it;
+// grouped_sdpa (kvlab.attention._common) calls it for one query per row, SDPA being the reference.
+//
+//   attend(q, k, v, mask, scale):  out[r, m] = sum_t softmax_t(scale * q[r, m] . k[r, t] | mask) v[r, t]
+//
+// Rows r = batch x KV heads, m = the query rows of a GQA group, t = tokens, D / Dv = head dims.
+// q [R, M, D] f32; k [R, T, D], v [R, T, Dv] f32 or bf16, rows and tokens strided, channels contiguous;
+// mask [Bm, T] bool (True = attend) with Bm = 1 or the batch (row r is sequence r / (R / Bm)), or empty.
+// Scores, softmax and sums in float32.
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+using kvlab::exp_nonpositive;
+using kvlab::to_float;
+#ifdef __AVX512F__
+using kvlab::load16;
+using kvlab::sum16;
+#endif
+
+constexpr int64_t BLOCK = 1024;  // tokens per work item: rows x blocks keep both threads busy at batch 1
+
+struct Strided {  // a [R, T, W] tensor as a pointer and hoisted strides (Tensor::stride() is a call)
+  const void* data;
+  int64_t r, t;
+  template <typename T>
+  const T* at(int64_t row, int64_t token) const { return static_cast<const T*>(data) + row * r + token * t; }
+};
+
+// scores[m, t - t0] = scale * q[m] . k[t] (or -inf where masked) for t in [t0, t1)
+template <typename T>
+void block_scores(const float* q, int64_t q_m, int64_t m_rows, int64_t dim, const Strided& k, int64_t row,
+                  int64_t t0, int64_t t1, const bool* mask, int64_t mask_t, float scale, float* scores) {
+  const int64_t width = t1 - t0;
+  int64_t t = t0;
+#ifdef __AVX512F__
+  if (dim % 16 == 0 && dim <= 128) {  // 16 tokens at a time, one query row at a time: q in registers
+    for (; t + 16 <= t1; t += 16) {
+      for (int64_t m = 0; m < m_rows; ++m) {
+        const float* qm = q + m * q_m;
+        __m512 qv[8], acc[16];
+        for (int64_t c = 0; c < dim / 16; ++c) qv[c] = _mm512_loadu_ps(qm + 16 * c);
+        for (int j = 0; j < 16; ++j) {
+          const T* kt = k.at<T>(row, t + j);
+          acc[j] = _mm512_mul_ps(load16(kt), qv[0]);
+          for (int64_t c = 1; c < dim / 16; ++c) acc[j] = _mm512_fmadd_ps(load16(kt + 16 * c), qv[c], acc[j]);
+        }
+        _mm512_storeu_ps(scores + m * width + (t - t0), _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
+      }
+    }
+  }
+#endif
+  for (; t < t1; ++t) {
+    const T* kt = k.at<T>(row, t);
+    for (int64_t m = 0; m < m_rows; ++m) {
+      const float* qm = q + m * q_m;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t d = 0; d < dim; ++d) acc += qm[d] * to_float(kt[d]);
+      scores[m * width + (t - t0)] = scale * acc;
+    }
+  }
+  if (mask) {
+    for (int64_t t = t0; t < t1; ++t)
+      if (!mask[t * mask_t])
+        for (int64_t m = 0; m < m_rows; ++m) scores[m * width + (t - t0)] = -std::numeric_limits<float>::infinity();
+  }
+}
+
+// acc[m] += sum_t p[m, t - t0] * v[t] for t in [t0, t1); acc [M, Dv] f32, zeroed by the caller
+template <typename T>
+void block_values(const float* p, int64_t m_rows, int64_t dv, const Strided& v, int64_t row, int64_t t0,
+                  int64_t t1, float* acc) {
+  const int64_t width = t1 - t0;
+#ifdef __AVX512F__
+  if (dv % 16 == 0 && dv <= 64 && m_rows <= 4) {  // the accumulators stay in registers: <= 16 zmm
+    __m512 a[4][4];
+    for (int64_t m = 0; m < m_rows; ++m)
+      for (int64_t c = 0; c < dv / 16; ++c) a[m][c] = _mm512_setzero_ps();
+    for (int64_t t = t0; t < t1; ++t) {
+      const T* vt = v.at<T>(row, t);
+      __m512 x[4];
+      for (int64_t c = 0; c < dv / 16; ++c) x[c] = load16(vt + 16 * c);
+      for (int64_t m = 0; m < m_rows; ++m) {
+        const __m512 w = _mm512_set1_ps(p[m * width + (t - t0)]);
+        for (int64_t c = 0; c < dv / 16; ++c) a[m][c] = _mm512_fmadd_ps(w, x[c], a[m][c]);
+      }
+    }
+    for (int64_t m = 0; m < m_rows; ++m)
+      for (int64_t c = 0; c < dv / 16; ++c) _mm512_storeu_ps(acc + m * dv + 16 * c, a[m][c]);
+    return;
+  }
+  if (dv % 16 == 0 && dv <= 256) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const T* vt = v.at<T>(row, t);
+      __m512 x[16];
+      for (int64_t c = 0; c < dv / 16; ++c) x[c] = load16(vt + 16 * c);
+      for (int64_t m = 0; m < m_rows; ++m) {
+        const __m512 w = _mm512_set1_ps(p[m * width + (t - t0)]);
+        float* am = acc + m * dv;
+        for (int64_t c = 0; c < dv / 16; ++c)
+          _mm512_storeu_ps(am + 16 * c, _mm512_fmadd_ps(w, x[c], _mm512_loadu_ps(am + 16 * c)));
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t t = t0; t < t1; ++t) {
+    const T* vt = v.at<T>(row, t);
+    for (int64_t m = 0; m < m_rows; ++m) {
+      const float w = p[m * width + (t - t0)];
+      float* __restrict__ am = acc + m * dv;
+#pragma omp simd
+      for (int64_t d = 0; d < dv; ++d) am[d] += w * to_float(vt[d]);
+    }
+  }
+}
+
+template <typename T>
+torch::Tensor attend_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                          const torch::Tensor& mask, double scale) {
+  const int64_t rows = q.size(0), m_rows = q.size(1), dim = q.size(2), tokens = k.size(1), dv = v.size(2);
+  const int64_t blocks = std::max<int64_t>(1, (tokens + BLOCK - 1) / BLOCK);
+  // per (row, block): unnormalised output [M, Dv], running max [M] and sum [M], merged after
+  auto partial = torch::empty({rows, blocks, m_rows, dv + 2}, q.options());
+  const Strided ks{k.data_ptr(), k.stride(0), k.stride(1)}, vs{v.data_ptr(), v.stride(0), v.stride(1)};
+  const float* qp = q.data_ptr<float>();
+  const int64_t q_r = q.stride(0), q_m = q.stride(1);
+  const bool* mp = mask.numel() ? mask.data_ptr<bool>() : nullptr;
+  const int64_t per_mask_row = mp ? rows / mask.size(0) : 1, mask_b = mp ? mask.stride(0) : 0;
+  const int64_t mask_t = mp ? mask.stride(1) : 0;
+  float* out = partial.data_ptr<float>();
+  at::parallel_for(0, rows * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(m_rows * BLOCK), acc(m_rows * dv);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / blocks, t0 = (item % blocks) * BLOCK, t1 = std::min(tokens, t0 + BLOCK);
+      const int64_t width = t1 - t0;
+      const bool* mr = mp ? mp + (r / per_mask_row) * mask_b : nullptr;
+      block_scores<T>(qp + r * q_r, q_m, m_rows, dim, ks, r, t0, t1, mr, mask_t, static_cast<float>(scale),
+                      scores.data());
+      float* res = out + item * m_rows * (dv + 2);
+      for (int64_t m = 0; m < m_rows; ++m) {  // softmax numerators in place: exp(s - max)
+        float* s = scores.data() + m * width;
+        float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
+#pragma omp simd reduction(max : mx)
+        for (int64_t t = 0; t < width; ++t) mx = std::max(mx, s[t]);
+        const float shift = std::isinf(mx) ? 0.f : mx;  // a fully masked block adds nothing
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < width; ++t) {
+          s[t] = exp_nonpositive(s[t] - shift);
+          sum += s[t];
+        }
+        if (std::isinf(mx)) {
+          for (int64_t t = 0; t < width; ++t) s[t] = 0.f;
+          sum = 0.f;
+        }
+        res[m * (dv + 2) + dv] = mx, res[m * (dv + 2) + dv + 1] = sum;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      block_values<T>(scores.data(), m_rows, dv, vs, r, t0, t1, acc.data());
+      for (int64_t m = 0; m < m_rows; ++m) std::copy_n(acc.data() + m * dv, dv, res + m * (dv + 2));
+    }
+  });
+  auto result = torch::empty({rows, m_rows, dv}, q.options());
+  const float* pp = partial.data_ptr<float>();
+  float* rp = result.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {  // merge the blocks: rescale each by exp(its max - the row's max)
+    for (int64_t m = 0; m < m_rows; ++m) {
+      float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) mx = std::max(mx, pp[((r * blocks + b) * m_rows + m) * (dv + 2) + dv]);
+      float* o = rp + (r * m_rows + m) * dv;
+      std::fill(o, o + dv, 0.f);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const float* res = pp + ((r * blocks + b) * m_rows + m) * (dv + 2);
+        if (std::isinf(res[dv])) continue;
+        const float w = std::exp(res[dv] - mx);
+        sum += w * res[dv + 1];
+        for (int64_t d = 0; d < dv; ++d) o[d] += w * res[d];
+      }
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      for (int64_t d = 0; d < dv; ++d) o[d] *= inv;
+    }
+  }
+  return result;
+}
+
+}  // namespace
+
+// q [R, M, D] f32; k [R, T, D], v [R, T, Dv] f32 or bf16 (same dtype); mask [Bm, T] bool or empty.
+// Returns [R, M, Dv] f32.
+torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                     const torch::Tensor& mask, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "attend: CPU tensors");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat && q.dim() == 3 && q.stride(2) == 1, "attend: q");
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1, "attend: k, v layout");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "attend: k and v dtypes differ");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(2) == q.size(2) && v.size(1) == k.size(1),
+              "attend: shapes");
+  if (mask.numel()) {
+    TORCH_CHECK(mask.scalar_type() == torch::kBool && mask.dim() == 2 && mask.size(1) == k.size(1), "attend: mask");
+    TORCH_CHECK(q.size(0) % mask.size(0) == 0, "attend: mask rows");
+  }
+  if (k.scalar_type() == torch::kFloat) return attend_impl<float>(q, k, v, mask, scale);
+  TORCH_CHECK(k.scalar_type() == torch::kBFloat16, "attend: k, v must be float32 or bfloat16");
+  return attend_impl<c10::BFloat16>(q, k, v, mask, scale);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attend", &attend, "one-pass decode attention over a float32 / bfloat16 cache");
+}
