@@ -75,41 +75,48 @@ void block_scores(const float* q, int64_t q_m, int64_t m_rows, int64_t dim, cons
   }
 }
 
+#ifdef __AVX512F__
+// block_values with 16-lane vectors; REGS: the accumulators (<= 4 rows x 4 vectors) stay in registers
+template <typename T, bool REGS>
+void block_values_avx512(const float* p, int64_t m_rows, int64_t dv, const Strided& v, int64_t row, int64_t t0,
+                         int64_t t1, float* acc) {
+  const int64_t width = t1 - t0;
+  __m512 a[4][4];
+  if constexpr (REGS)
+    for (int64_t m = 0; m < m_rows; ++m)
+      for (int64_t c = 0; c < dv / 16; ++c) a[m][c] = _mm512_setzero_ps();
+  for (int64_t t = t0; t < t1; ++t) {
+    const T* vt = v.at<T>(row, t);
+    __m512 x[16];
+    for (int64_t c = 0; c < dv / 16; ++c) x[c] = load16(vt + 16 * c);
+    for (int64_t m = 0; m < m_rows; ++m) {
+      const __m512 w = _mm512_set1_ps(p[m * width + (t - t0)]);
+      float* am = acc + m * dv;
+      for (int64_t c = 0; c < dv / 16; ++c) {
+        if constexpr (REGS)
+          a[m][c] = _mm512_fmadd_ps(w, x[c], a[m][c]);
+        else
+          _mm512_storeu_ps(am + 16 * c, _mm512_fmadd_ps(w, x[c], _mm512_loadu_ps(am + 16 * c)));
+      }
+    }
+  }
+  if constexpr (REGS)
+    for (int64_t m = 0; m < m_rows; ++m)
+      for (int64_t c = 0; c < dv / 16; ++c) _mm512_storeu_ps(acc + m * dv + 16 * c, a[m][c]);
+}
+#endif
+
 // acc[m] += sum_t p[m, t - t0] * v[t] for t in [t0, t1); acc [M, Dv] f32, zeroed by the caller
 template <typename T>
 void block_values(const float* p, int64_t m_rows, int64_t dv, const Strided& v, int64_t row, int64_t t0,
                   int64_t t1, float* acc) {
   const int64_t width = t1 - t0;
 #ifdef __AVX512F__
-  if (dv % 16 == 0 && dv <= 64 && m_rows <= 4) {  // the accumulators stay in registers: <= 16 zmm
-    __m512 a[4][4];
-    for (int64_t m = 0; m < m_rows; ++m)
-      for (int64_t c = 0; c < dv / 16; ++c) a[m][c] = _mm512_setzero_ps();
-    for (int64_t t = t0; t < t1; ++t) {
-      const T* vt = v.at<T>(row, t);
-      __m512 x[4];
-      for (int64_t c = 0; c < dv / 16; ++c) x[c] = load16(vt + 16 * c);
-      for (int64_t m = 0; m < m_rows; ++m) {
-        const __m512 w = _mm512_set1_ps(p[m * width + (t - t0)]);
-        for (int64_t c = 0; c < dv / 16; ++c) a[m][c] = _mm512_fmadd_ps(w, x[c], a[m][c]);
-      }
-    }
-    for (int64_t m = 0; m < m_rows; ++m)
-      for (int64_t c = 0; c < dv / 16; ++c) _mm512_storeu_ps(acc + m * dv + 16 * c, a[m][c]);
-    return;
-  }
   if (dv % 16 == 0 && dv <= 256) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const T* vt = v.at<T>(row, t);
-      __m512 x[16];
-      for (int64_t c = 0; c < dv / 16; ++c) x[c] = load16(vt + 16 * c);
-      for (int64_t m = 0; m < m_rows; ++m) {
-        const __m512 w = _mm512_set1_ps(p[m * width + (t - t0)]);
-        float* am = acc + m * dv;
-        for (int64_t c = 0; c < dv / 16; ++c)
-          _mm512_storeu_ps(am + 16 * c, _mm512_fmadd_ps(w, x[c], _mm512_loadu_ps(am + 16 * c)));
-      }
-    }
+    if (dv <= 64 && m_rows <= 4)
+      block_values_avx512<T, true>(p, m_rows, dv, v, row, t0, t1, acc);
+    else
+      block_values_avx512<T, false>(p, m_rows, dv, v, row, t0, t1, acc);
     return;
   }
 #endif

@@ -15,6 +15,7 @@
 // parallel over rows and token / channel blocks with torch's thread pool (at::parallel_for).
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -169,6 +170,8 @@ torch::Tensor values_impl(const torch::Tensor& p, const torch::Tensor& codes, co
   const bool vector = dim % 16 == 0 && dim <= 256 && width % 16 == 0;  // a 16-channel vector in one scale group
   const bool in_registers = vector && dim <= 64 && m_rows <= 4;  // <= 16 accumulators
 #endif
+  auto run = [&](auto regs_tag) {  // regs_tag: std::bool_constant, whether the accumulators stay in registers
+  constexpr bool REGS = decltype(regs_tag)::value;
   at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> row(dim);
     for (int64_t item = begin; item < end; ++item) {
@@ -176,7 +179,7 @@ torch::Tensor values_impl(const torch::Tensor& p, const torch::Tensor& codes, co
       float* acc = op + item * m_rows * dim;
 #ifdef __AVX512F__
       __m512 regs[4][4];
-      if (in_registers)
+      if constexpr (REGS)
         for (int64_t m = 0; m < m_rows; ++m)
           for (int64_t k = 0; k < dim / 16; ++k) regs[m][k] = _mm512_setzero_ps();
 #endif
@@ -184,18 +187,6 @@ torch::Tensor values_impl(const torch::Tensor& p, const torch::Tensor& codes, co
         const uint8_t* c = vals.token(r, t);
         const float *s = vals.scale_at(r, t), *z = vals.zero_at(r, t);
 #ifdef __AVX512F__
-        if (in_registers) {  // the accumulators stay in registers across the block's tokens
-          __m512 v[4];
-          for (int64_t k = 0; k < dim / 16; ++k) {
-            const int64_t j = k * 16 / width;
-            v[k] = _mm512_fmadd_ps(load16<BITS>(c + k * 16 * BITS / 8), _mm512_set1_ps(s[j]), _mm512_set1_ps(z[j]));
-          }
-          for (int64_t m = 0; m < m_rows; ++m) {
-            const __m512 w = _mm512_set1_ps(pp[r * p_r + m * p_m + t]);
-            for (int64_t k = 0; k < dim / 16; ++k) regs[m][k] = _mm512_fmadd_ps(w, v[k], regs[m][k]);
-          }
-          continue;
-        }
         if (vector) {
           __m512 v[16];
           for (int64_t k = 0; k < dim / 16; ++k) {
@@ -205,8 +196,12 @@ torch::Tensor values_impl(const torch::Tensor& p, const torch::Tensor& codes, co
           for (int64_t m = 0; m < m_rows; ++m) {
             const __m512 w = _mm512_set1_ps(pp[r * p_r + m * p_m + t]);
             float* a = acc + m * dim;
-            for (int64_t k = 0; k < dim / 16; ++k)
-              _mm512_storeu_ps(a + 16 * k, _mm512_fmadd_ps(w, v[k], _mm512_loadu_ps(a + 16 * k)));
+            for (int64_t k = 0; k < dim / 16; ++k) {
+              if constexpr (REGS)  // the accumulators stay in registers across the block's tokens
+                regs[m][k] = _mm512_fmadd_ps(w, v[k], regs[m][k]);
+              else
+                _mm512_storeu_ps(a + 16 * k, _mm512_fmadd_ps(w, v[k], _mm512_loadu_ps(a + 16 * k)));
+            }
           }
           continue;
         }
@@ -225,12 +220,22 @@ torch::Tensor values_impl(const torch::Tensor& p, const torch::Tensor& codes, co
         }
       }
 #ifdef __AVX512F__
-      if (in_registers)
+      if constexpr (REGS)
         for (int64_t m = 0; m < m_rows; ++m)
           for (int64_t k = 0; k < dim / 16; ++k) _mm512_storeu_ps(acc + m * dim + 16 * k, regs[m][k]);
 #endif
     }
   });
+  };
+#ifdef __AVX512F__
+  if (in_registers) {
+    run(std::true_type{});
+  } else {
+    run(std::false_type{});
+  }
+#else
+  run(std::false_type{});
+#endif
   return chunks == 1 ? partial.squeeze(1) : partial.sum(1);
 }
 
