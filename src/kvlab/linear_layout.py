@@ -122,9 +122,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     """``x @ weight.T + bias`` through ``kernels.GEMV`` (``kernels/csrc/gemv.cpp``: one sequential pass over
     the weight per thread, float32 sums). ``weight [out, in]`` column-major (as ``fuse_`` stores it), float32 or
     bfloat16; ``x [..., in]``; the result in ``x``'s dtype."""
-    rows = x.reshape(-1, x.shape[-1]).float()  # [M, in]
-    b = bias.float() if bias is not None else torch.empty(0)
-    return GEMV.module().linear(rows, weight.t(), b).view(*x.shape[:-1], -1).to(x.dtype)
+    rows = _float32(x.reshape(-1, x.shape[-1]))  # [M, in]
+    out = GEMV.module().linear(rows, weight.t(), NOTHING if bias is None else _float32(bias))
+    out = out.view(*x.shape[:-1], -1)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+NOTHING = torch.empty(0)  # "no bias" / "no mask" for the C++ kernels (never written)
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    """``t.float()`` without the no-op call (a decode step makes hundreds of them)."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -141,12 +141,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     ``[B|1, 1, 1, T]`` bool or None. Returns ``[B, H, 1, Dv]`` in q's dtype."""
     batch, heads, _, dim = q.shape
     kv_heads, tokens = k.shape[1], k.shape[2]
-    rows = q.reshape(batch * kv_heads, heads // kv_heads, dim).float()  # [B*Hkv, G, D]: head h = kv_head * G + g
+    rows = q.reshape(batch * kv_heads, heads // kv_heads, dim)  # [B*Hkv, G, D]: head h = kv_head * G + g
+    rows = rows if rows.dtype == torch.float32 else rows.float()
     keys = k.view(batch * kv_heads, tokens, dim)  # [B*Hkv, T, D]
     values = v.view(batch * kv_heads, tokens, v.shape[-1])
-    visible = mask[:, 0, 0, :] if mask is not None else torch.empty(0, 0, dtype=torch.bool)  # [B|1, T]
+    visible = mask[:, 0, 0, :] if mask is not None else NO_MASK  # [B|1, T]
     out = FLOAT.module().attend(rows, keys, values, visible, dim ** -0.5 if scale is None else scale)
-    return out.view(batch, heads, 1, -1).to(q.dtype)
+    out = out.view(batch, heads, 1, -1)
+    return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+NO_MASK = torch.empty(0, 0, dtype=torch.bool)  # decode_attention's "every key visible" (never written)
 
 
 def _equal_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
