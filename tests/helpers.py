@@ -83,3 +83,21 @@ def smollm2_folder():
 
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def portable_build(kernel, monkeypatch) -> None:
+    """Rebuild ``kernel`` (a ``kvlab.kernels.Kernel``) as a CPU without AVX-512 gets it (x86-64-v3: AVX2 +
+    FMA, so every shape runs the plain loops), for this test only; skips where that cannot run or build."""
+    import platform
+    from pathlib import Path
+
+    import pytest
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if platform.machine() != "x86_64" or " avx2" not in flags:
+        pytest.skip("needs an x86-64 CPU with AVX2")
+    monkeypatch.setenv(kernel.env, "1")
+    monkeypatch.setattr(kernel, "flags", ["-O3", "-march=x86-64-v3", "-fopenmp"])
+    monkeypatch.setattr(kernel, "built", {})
+    if kernel.module() is None:
+        pytest.skip(f"the {kernel.what} did not build on this machine")

@@ -6,6 +6,7 @@ fp32 and bf16; and when ``grouped_sdpa`` takes it and when it must not."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import portable_build
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -109,16 +110,7 @@ def test_decode_with_autograd_uses_sdpa_and_keeps_gradients():
 @pytest.mark.slow
 def test_the_kernel_built_without_avx512_equals_sdpa(monkeypatch):
     # the build a CPU without AVX-512 gets (x86-64-v3: AVX2 + FMA) runs the plain loops for every shape
-    import platform
-    from pathlib import Path
-
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if platform.machine() != "x86_64" or " avx2" not in flags:
-        pytest.skip("needs an x86-64 CPU with AVX2")
-    monkeypatch.setattr(FLOAT, "flags", ["-O3", "-march=x86-64-v3", "-fopenmp"])
-    monkeypatch.setattr(FLOAT, "built", {})
-    if FLOAT.module() is None:
-        pytest.skip("the float decode-attention kernel did not build on this machine")
+    portable_build(FLOAT, monkeypatch)
     for dtype in (torch.float32, torch.bfloat16):
         for shape in [(2, 3, 3, 1030, 64, 64), (1, 2, 4, 33, 24, 24), (2, 1, 2, 40, 128, 64)]:
             with torch.no_grad():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import build, tiny_config
+from helpers import build, portable_build, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -130,16 +130,7 @@ def test_decode_through_the_kernel_gives_the_members_logits_and_tokens(monkeypat
 @pytest.mark.slow
 def test_the_kernel_built_without_avx512_equals_f_linear(monkeypatch):
     # the build a CPU without AVX-512 gets (x86-64-v3: AVX2 + FMA) runs the plain loops
-    import platform
-    from pathlib import Path
-
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if platform.machine() != "x86_64" or " avx2" not in flags:
-        pytest.skip("needs an x86-64 CPU with AVX2")
-    monkeypatch.setattr(GEMV, "flags", ["-O3", "-march=x86-64-v3", "-fopenmp"])
-    monkeypatch.setattr(GEMV, "built", {})
-    if GEMV.module() is None:
-        pytest.skip("the GEMV kernel did not build on this machine")
+    portable_build(GEMV, monkeypatch)
     with torch.no_grad():
         for dtype in (torch.float32, torch.bfloat16):
             for rows, n_in, n_out in ((1, 576, 960), (3, 37, 100), (4, 1536, 17)):

@@ -5,7 +5,7 @@ replace the standard matrix.)"""
 
 import pytest
 import torch
-from helpers import build, decode_stepwise
+from helpers import build, decode_stepwise, portable_build
 from helpers import model_dict as _model
 
 import kvlab
@@ -340,18 +340,8 @@ def test_a_kernel_that_cannot_build_warns_once_and_decode_uses_the_torch_ops(tmp
 def test_the_kernel_built_without_avx512_equals_the_reference(kind, monkeypatch):
     # the build a CPU without AVX-512 gets (x86-64-v3: AVX2 + FMA) runs the plain loops for every shape;
     # the native build here takes the AVX-512 paths for head dims that are multiples of 16
-    import platform
-    from pathlib import Path
-
     from kvlab.kernels import QUANTIZED
 
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if platform.machine() != "x86_64" or " avx2" not in flags:
-        pytest.skip("needs an x86-64 CPU with AVX2")
-    monkeypatch.setattr(QUANTIZED, "flags", ["-O3", "-march=x86-64-v3", "-fopenmp"])
-    monkeypatch.setattr(QUANTIZED, "built", {})
-    monkeypatch.setenv("KVLAB_QUANT_KERNEL", "1")
-    if QUANTIZED.module() is None:
-        pytest.skip("the quantized-KV decode kernel did not build on this machine")
+    portable_build(QUANTIZED, monkeypatch)
     for shape in [(1, 3, 3, 64, 32, 32, 64), (2, 2, 2, 128, 8, 3, 64), (2, 2, 4, 24, 8, 4, 24)]:
         test_attend_on_codes_equals_dequantize_then_attend(kind, *shape, monkeypatch, "kernel")
