@@ -213,8 +213,8 @@ def _measure_packed(weight: torch.Tensor, rows: int) -> float:
 
 
 @torch.no_grad()
-def _timings(weight: torch.Tensor, rows: int, kernels: tuple[str, ...]) -> dict[str, float]:
-    """Seconds of ``x [rows, in] @ weight.T`` by each of ``kernels`` ("mkl": ``F.linear``, "onednn": on packed
+def _timings(weight: torch.Tensor, rows: int, names: tuple[str, ...]) -> dict[str, float]:
+    """Seconds of ``x [rows, in] @ weight.T`` by each of ``names`` ("mkl": ``F.linear``, "onednn": on packed
     copies, "gemv": kvlab's): medians of 20 interleaved passes (7 for a prefill's rows) over copies of
     ``weight`` (64 MiB of them for one row, twice a 32 MiB L3, so they come from memory as in a model's step,
     and each kernel's pass evicts the other's copies; 16 MiB for more rows, which compute more per byte).
@@ -225,12 +225,12 @@ def _timings(weight: torch.Tensor, rows: int, kernels: tuple[str, ...]) -> dict[
     column_major = weight.stride(0) == 1  # as the model stores it (a slice of the head too): copies keep that
     dense = [weight.detach().t().clone(memory_format=torch.contiguous_format).t() if column_major
              else weight.detach().clone(memory_format=torch.contiguous_format) for _ in range(copies)]
-    packed = [packed_weight(w) for w in dense] if "onednn" in kernels else []
+    packed = [packed_weight(w) for w in dense] if "onednn" in names else []
     x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
     passes = {"mkl": lambda: [F.linear(x, w) for w in dense],
               "onednn": lambda: [packed_linear(x, w) for w in packed],
               "gemv": lambda: [gemv(x, w) for w in dense]}
-    passes = {name: passes[name] for name in kernels}
+    passes = {name: passes[name] for name in names}
     seconds: dict[str, list[float]] = {name: [] for name in passes}
     for i in range(21 if rows <= 32 else 8):  # the first round warms up; a decode pass is a few ms: many
         for name, run in passes.items():
