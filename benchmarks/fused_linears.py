@@ -7,9 +7,10 @@ worth; 2 copies of the head) so the caches do not serve them, as in the real mod
 - ``fused``: one column-major ``F.linear`` over the group's concatenated weight, split (MKL);
 - ``packed``: the same through oneDNN on a weight reordered once (``torch.ops.mkldnn``), kvlab's CPU path
   where ``packed_pays`` measures it faster;
-- ``gemv``: kvlab's GEMV kernel (``kernels/csrc/gemv.cpp``) on the fused column-major weight, for up to
-  ``GEMV_MAX_ROWS`` rows, where ``gemv_pays`` measures it faster (the last column says which one kvlab runs).
-At batch 1 (GEMV) and 16 (decode of 16 sequences). Variants alternate round by round in one process; a
+- ``gemv``: kvlab's kernel (``kernels/csrc/gemv.cpp``) on the fused column-major weight, for up to
+  ``GEMV_MAX_ROWS`` rows (a GEMV up to 4 rows, register tiles past them), where ``gemv_pays`` measures it
+  faster (the last column says which one kvlab runs).
+At batch 1 (GEMV) and 16 (decode of 16 sequences: compute-bound, so GFLOP/s are reported too). Variants alternate round by round in one process; a
 ``torch.sum`` over 1 GiB probes read bandwidth in the same run, and each read speed is weight bytes / time.
 
     python benchmarks/fused_linears.py            # batch 1 and 16, 2 threads
@@ -106,13 +107,16 @@ def main(argv: list[str] | None = None) -> None:
             result = {"group": name, "batch": batch, "read_GBps": bandwidth, "weight_bytes": nbytes,
                       "copies": copies, **{f"{k}_ms": s / copies * 1e3 for k, s in seconds.items()},
                       **{f"{k}_GBps": nbytes / s / 1e9 for k, s in seconds.items()},
+                      **{f"{k}_GFLOPs": 2 * batch * nbytes / dtype.itemsize / s / 1e9 for k, s in seconds.items()},
                       **{f"{k}_speedup": seconds["separate"] / s for k, s in seconds.items()}}
             data.append(result)
             pays = packed[0] is not None and packed_pays(fused[0], batch)
             result["kvlab_runs"] = ("gemv" if "gemv" in run and gemv_pays(fused[0], batch, pays)
                                     else "packed" if pays else "fused")
-            cells = [f"{result[f'{k}_ms']:.3f} ({result[f'{k}_GBps']:.1f} GB/s, {result[f'{k}_speedup']:.2f}x)"
-                     if k in seconds else "-" for k in ("separate", "fused", "packed", "gemv")]
+            unit, key = ("GB/s", "GBps") if batch == 1 else ("GFLOP/s", "GFLOPs")  # one row reads; 16 compute
+            cells = [f"{result[f'{k}_ms']:.3f} ({result[f'{k}_{key}']:.1f} {unit}, "
+                     f"{result[f'{k}_speedup']:.2f}x)" if k in seconds else "-"
+                     for k in ("separate", "fused", "packed", "gemv")]
             if reference:  # fp32's packed path in the same rounds: its ms and this dtype's packed speed-up over it
                 result["packed_vs_fp32_packed"] = seconds["fp32 packed"] / seconds["packed"] if "packed" in seconds else None
                 cells.append(f"{result['fp32 packed_ms']:.3f} ({fmt_ratio(result['packed_vs_fp32_packed'])})")
@@ -121,12 +125,14 @@ def main(argv: list[str] | None = None) -> None:
     extra = " fp32 fused + packed, same run: ms (bf16 packed speed-up) |" if dtype != torch.float32 else ""
     lines = [f"# Decode weight layout vs plain linears (SmolLM2-135M shapes, {args.dtype}, {args.threads} threads)",
              "", f"CPU flags: {' '.join(cpu_flags())}", "",
-             "| linears | batch | probe read GB/s | separate: ms (read GB/s, x) | fused | fused + packed | kvlab GEMV |"
+             "| linears | batch | probe read GB/s | separate: ms (read GB/s or GFLOP/s, x) | fused | fused + packed "
+             "| kvlab kernel |"
              + extra + " kvlab runs |", "|---" * (8 + bool(extra)) + "|", *rows, "",
              "Milliseconds per layer (per copy of the head); x = speed-up over separate. kvlab runs: what "
              "`linear_layout.packed_pays` / `gemv_pays` chose in this process (measured once per thread count, rows "
              f"bucket, dtype and weight shape). Medians of {rounds} "
-             "alternating rounds (each 3 passes over the distinct weights); GB/s = weight bytes / time; probe: "
+             "alternating rounds (each 3 passes over the distinct weights); GB/s = weight bytes / time (batch 1), "
+             "GFLOP/s = 2 x batch x weights / time (larger batches); probe: "
              "torch.sum over 1 GiB between rounds. Command: `python benchmarks/fused_linears.py "
              + " ".join(argv if argv is not None else sys.argv[1:]) + "`"]
     print("\n".join(lines))

@@ -1,5 +1,6 @@
 """kvlab's GEMV kernel (``kernels.GEMV``, ``kernels/csrc/gemv.cpp``) against ``F.linear`` (its reference):
-rows, widths on and off its 4-row and 16-column steps, bias, fp32 and bf16 weights, strided weights (a
+rows on both paths (the GEMV up to 4 and the register tiles of 8 x 48 past it), widths on and off their
+steps, bias, fp32 and bf16 weights, strided weights (a
 slice of a fused group); when ``FusedGroup.linear`` takes it; the model's decode through it."""
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def column_major(out_features: int, in_features: int, dtype=torch.float32, seed:
     return weight.t().contiguous().t()  # [out, in] stored in-major, as linear_layout.fuse_ lays it out
 
 
-@settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 4), in_features=st.integers(1, 700), out_features=st.integers(1, 300),
+@settings(max_examples=60, deadline=None)
+@given(rows=st.sampled_from([1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 40]), in_features=st.integers(1, 700), out_features=st.integers(1, 300),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), bias=st.booleans(), lead=st.sampled_from([(), (1,)]),
        seed=st.integers(0, 2**16))
 @torch.no_grad()
@@ -57,7 +58,7 @@ def test_gemv_on_a_row_block_of_a_fused_weight():
 def test_gemv_applies_only_where_it_can_run(monkeypatch):
     weight, x = column_major(512, 256), torch.randn(1, 256)
     assert gemv_applies(x, weight)
-    assert gemv_applies(torch.randn(4, 256), weight) and not gemv_applies(torch.randn(5, 256), weight)
+    assert gemv_applies(torch.randn(64, 256), weight) and not gemv_applies(torch.randn(65, 256), weight)
     assert not gemv_applies(x, weight.contiguous())  # row-major: F.linear
     assert not gemv_applies(x, column_major(8, 256))  # a toy weight: nothing to gain
     assert not gemv_applies(x.half(), weight.half()) and not gemv_applies(x.bfloat16(), weight)
@@ -75,8 +76,11 @@ def test_gemv_pays_is_measured_once_per_key(monkeypatch, tmp_path):
     assert linear_layout.gemv_pays(weight, 1, False) and linear_layout.gemv_pays(weight, 1, False)
     assert not linear_layout.gemv_pays(weight, 1, True)  # oneDNN measured faster here
     assert linear_layout.gemv_pays(weight, 3, False)  # 2-4 rows: measured at 4
+    for rows in (5, 16, 32, 33, 64):  # 5-32 at 16, 33-64 at 64
+        assert linear_layout.gemv_pays(weight, rows, False)
     assert asked == [(weight.shape, 1, ("gemv", "mkl")), (weight.shape, 1, ("gemv", "onednn")),
-                     (weight.shape, 4, ("gemv", "mkl"))]
+                     (weight.shape, 4, ("gemv", "mkl")), (weight.shape, 16, ("gemv", "mkl")),
+                     (weight.shape, 64, ("gemv", "mkl"))]
     times = timings(weight, 1, ("gemv", "mkl"))  # the real measurement runs and times both
     assert set(times) == {"gemv", "mkl"} and all(t > 0 for t in times.values())
 
@@ -127,13 +131,30 @@ def test_decode_through_the_kernel_gives_the_members_logits_and_tokens(monkeypat
     torch.testing.assert_close(fused, members, atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_batched_decode_through_the_kernel_gives_f_linear_tokens(monkeypatch):
+    """A batch of 12 decoding together: every linear through the register-tiled path gives F.linear's
+    greedy tokens, row by row."""
+    model = build(tiny_config([{"type": "full", "n_heads": 4, "n_kv_heads": 2},
+                               {"type": "full", "n_heads": 4, "n_kv_heads": 1}])).eval()
+    ids = torch.randint(0, 97, (12, 7), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setenv("KVLAB_GEMV_KERNEL", "0")
+    plain = model.generate(ids, max_new_tokens=6).tokens
+    monkeypatch.setenv("KVLAB_GEMV_KERNEL", "1")
+    rows = []
+    monkeypatch.setattr(linear_layout, "GEMV_MIN_BYTES", 0)
+    monkeypatch.setattr(linear_layout, "gemv_pays", lambda w, n, packed: rows.append(n) or True)
+    assert model.generate(ids, max_new_tokens=6).tokens == plain
+    assert 12 in rows
+
+
 @pytest.mark.slow
 def test_the_kernel_built_without_avx512_equals_f_linear(monkeypatch):
     # the build a CPU without AVX-512 gets (x86-64-v3: AVX2 + FMA) runs the plain loops
     portable_build(GEMV, monkeypatch)
     with torch.no_grad():
         for dtype in (torch.float32, torch.bfloat16):
-            for rows, n_in, n_out in ((1, 576, 960), (3, 37, 100), (4, 1536, 17)):
+            for rows, n_in, n_out in ((1, 576, 960), (3, 37, 100), (4, 1536, 17), (16, 576, 100), (9, 70, 49)):
                 weight, x = column_major(n_out, n_in, dtype), torch.randn(rows, n_in).to(dtype)
                 tol = 1e-4 if dtype == torch.float32 else 5e-1
                 torch.testing.assert_close(gemv(x, weight).float(), F.linear(x.float(), weight.float()),

@@ -12,9 +12,11 @@ GEMMs. Measured at SmolLM2-135M's shapes (``benchmarks/fused_linears.py``):
   0.5-0.67x fp32's packed time at one row and 0.36-0.48x at 16 (``fused_linears.py --dtype bfloat16``),
   while MKL's bf16 GEMV on the plain weight reads only 6-14 GB/s;
 - without oneDNN, a column-major weight (``[out, in]`` stored ``in``-major) makes MKL's GEMV 1.3-1.9x faster;
-- kvlab's own GEMV kernel (``kernels/csrc/gemv.cpp``: each thread streams a contiguous range of the
-  column-major weight's rows) beats both at one row, 1.3-1.7x the faster of them in fp32 on that EPYC, and
-  needs no packed copy: it runs for up to ``GEMV_MAX_ROWS`` rows where ``gemv_pays`` measures it faster.
+- kvlab's own kernel (``kernels/csrc/gemv.cpp``) on the column-major weight needs no packed copy and beats
+  both in fp32 on that EPYC: at one row (each thread streams a contiguous range of the weight's rows)
+  1.3-1.7x the faster of them, and at 16 rows (register tiles of 8 rows x 48 outputs) 1.4-2x oneDNN's
+  packed linear for the layers' weights. It runs for up to ``GEMV_MAX_ROWS`` rows (batched decode) where
+  ``gemv_pays`` measures it faster.
 
 A *fused group* keeps each member an ordinary ``nn.Linear`` with its usual name, shape and values (state
 dicts, checkpoints and exports see nothing new), but its ``weight`` (and ``bias``) become row blocks of one
@@ -112,15 +114,15 @@ class FusedGroup:
         return F.linear(x, self.weight, self.bias)
 
 
-GEMV_MAX_ROWS = 4  # the GEMV kernel's rows: batch-1 decode (1) and small batches
+GEMV_MAX_ROWS = 64  # the kernel's rows: decode batches (prefill's longer rows stay on MKL / oneDNN)
 GEMV_MIN_BYTES = 1 << 18  # smaller weights (toy models) stay on F.linear: nothing there to gain
 _GEMV_PAYS: dict[tuple, bool] = {}  # (threads, rows bucket, dtype, shape, against oneDNN) -> measured
 DECISIONS = "linear_decisions.json"  # in kernels.cache_dir(): gemv_pays' measurements, kept per machine
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` through ``kernels.GEMV`` (``kernels/csrc/gemv.cpp``: one sequential pass over
-    the weight per thread, float32 sums). ``weight [out, in]`` column-major (as ``fuse_`` stores it), float32 or
+    """``x @ weight.T + bias`` through ``kernels.GEMV`` (``kernels/csrc/gemv.cpp``: up to 4 rows, one
+    sequential pass over the weight per thread; more, register tiles; float32 sums). ``weight [out, in]`` column-major (as ``fuse_`` stores it), float32 or
     bfloat16; ``x [..., in]``; the result in ``x``'s dtype."""
     rows = _float32(x.reshape(-1, x.shape[-1]))  # [M, in]
     out = GEMV.module().linear(rows, weight.t(), NOTHING if bias is None else _float32(bias))
@@ -145,13 +147,14 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def gemv_pays(weight: torch.Tensor, rows: int, against_packed: bool) -> bool:
     """Whether ``gemv`` beats what would run instead (oneDNN on the packed copy, or ``F.linear``) on this
-    machine, thread count, rows (1, or 2-4 measured at 4), dtype and weight shape: measured once per machine
-    and key (~0.25 s each; SmolLM2's five shapes took ~1 s at the first decode step of every process), then
-    kept in ``kernels.cache_dir()/linear_decisions.json`` under the CPU and torch version (``machine_key``)."""
-    bucket = 1 if rows <= 1 else GEMV_MAX_ROWS
+    machine, thread count, rows (measured at 1, 4 for 2-4, 16 for 5-32 and 64 for 33-64),
+    dtype and weight shape: measured once per machine, kernel and key (~0.25 s each; SmolLM2's five shapes
+    took ~1 s at the first decode step of every process), then kept in
+    ``kernels.cache_dir()/linear_decisions.json`` under the CPU, torch version and kernel digest."""
+    bucket = 1 if rows <= 1 else 4 if rows <= 4 else 16 if rows <= 32 else 64
     key = (torch.get_num_threads(), bucket, weight.dtype, tuple(weight.shape), against_packed)
     if key not in _GEMV_PAYS:
-        stored = "|".join(map(str, (kernels.machine_key(), "gemv", *key)))
+        stored = "|".join(map(str, (kernels.machine_key(), "gemv", GEMV.digest(), *key)))
         decisions = _stored_decisions()
         if stored not in decisions:
             times = _timings(weight, bucket, ("gemv", "onednn" if against_packed else "mkl"))

@@ -4,11 +4,13 @@ tested against:
   pass (flash-decoding over token blocks); ``grouped_sdpa`` runs it instead of SDPA where it applies.
 - ``QUANTIZED`` (``quantized_attention.cpp``): ``QuantizedKVCacheLayer.attend`` over the int8/int4 codes,
   dequantized in registers; the torch ops in ``quantized.py`` and ``attend_reference`` are its references.
-- ``GEMV`` (``gemv.cpp``): the one-token linear on a column-major weight (``linear_layout.gemv``), each
-  thread streaming a contiguous range of the weight; ``F.linear`` is its reference.
+- ``GEMV`` (``gemv.cpp``): the decode linear on a column-major weight (``linear_layout.gemv``): for up to 4
+  rows each thread streams a contiguous range of the weight, for more (batched decode) register tiles of
+  8 rows x 48 outputs; ``F.linear`` is its reference.
 Why: at batch 1 a decode step is memory-bound, and on a 2-core EPYC torch's kernels read the cache (SDPA)
-and the weights (MKL, oneDNN) at 8-17 GB/s of the ~30 the machine has (``benchmarks/decode_attention.py``,
-``benchmarks/fused_linears.py``).
+and the weights (MKL, oneDNN) at 8-17 GB/s of the ~30 the machine has, and at batch 16 MKL and oneDNN
+computed SmolLM2's linears at 60-130 GFLOP/s of the ~180 its large matmuls reach
+(``benchmarks/decode_attention.py``, ``benchmarks/fused_linears.py``).
 
 They are compiled with ``torch.utils.cpp_extension`` (gcc + ninja, ~30-40 s each, once per machine) and
 cached in ``~/.cache/kvlab/kernels`` (or ``KVLAB_KERNEL_DIR``) under a name that includes the source, the
@@ -41,7 +43,8 @@ class Kernel:
         self.name, self.env, self.what = name, env, what
         self.source = CSRC / f"{name}.cpp"
         self.flags = list(FLAGS)
-        self.built: dict[str, object] = {}  # "module" -> the extension or None (a failed build: never retried)
+        self.built: dict[str, object] = {}  # "module": the extension or None (a failed build: never retried);
+        #                                     "digest": its digest
 
     def enabled(self) -> bool:
         """Whether the kernel's environment variable allows it (default on; only ``0`` turns it off)."""
@@ -59,10 +62,17 @@ class Kernel:
         """The kernel applies: built, and every tensor on the CPU."""
         return all(t.device.type == "cpu" for t in tensors) and self.module() is not None
 
+    def digest(self) -> str:
+        """What the built module depends on: its source, the shared header, the flags, the CPU and torch
+        (a short hash; also part of the speed decisions measured on the kernel, ``linear_layout``)."""
+        if "digest" not in self.built:
+            texts = [path.read_text() for path in [self.source, *sorted(CSRC.glob("*.h"))]]  # the header too
+            key = "\n".join([*texts, *self.flags, _cpu_model(), torch.__version__])
+            self.built["digest"] = hashlib.sha256(key.encode()).hexdigest()[:12]
+        return self.built["digest"]
+
     def _build(self):
-        texts = [path.read_text() for path in [self.source, *sorted(CSRC.glob("*.h"))]]  # the shared header too
-        digest = hashlib.sha256("\n".join([*texts, *self.flags, _cpu_model(), torch.__version__]).encode())
-        name = f"kvlab_{self.name}_{digest.hexdigest()[:12]}"
+        name = f"kvlab_{self.name}_{self.digest()}"
         try:
             from torch.utils.cpp_extension import load
 

@@ -1,10 +1,14 @@
-// The one-token linear on a column-major weight (kvlab.linear_layout): y = x @ weight.T + bias for a few
-// rows x, reading the weight once, front to back. linear_layout stores weight [N, K] with K outermost, so
-// wt = weight.T is [K, N] with contiguous rows; each thread takes a contiguous range of those rows (one
-// sequential stream through memory) and accumulates x[m, k] * wt[k, :] into its own partial y, 4 rows of wt
-// per pass; the partials are summed at the end. Batch-1 decode is a chain of these GEMVs, memory-bound:
-// on a 2-core EPYC MKL's and oneDNN's read 10-17 GB/s at SmolLM2's shapes, this 18-26
-// (benchmarks/fused_linears.py). F.linear is the reference.
+// The decode linear on a column-major weight (kvlab.linear_layout): y = x @ weight.T + bias for the rows x
+// of a decode step. linear_layout stores weight [N, K] with K outermost, so wt = weight.T is [K, N] with
+// contiguous rows.
+// - Up to 4 rows (batch-1 decode), memory-bound: each thread takes a contiguous range of wt's rows (one
+//   sequential stream through memory) and accumulates x[m, k] * wt[k, :] into its own partial y, 4 rows of
+//   wt per pass; the partials are summed at the end. On a 2-core EPYC MKL's and oneDNN's GEMVs read 10-17
+//   GB/s at SmolLM2's shapes, this 18-26.
+// - More rows (batched decode), compute-bound: register tiles of 8 rows x 48 outputs (24 accumulators),
+//   each thread a range of column tiles, walked in blocks of 64 of wt's rows. At 16 rows on that EPYC:
+//   130-190 GFLOP/s at SmolLM2's layer shapes, where oneDNN's packed linear reached 60-130.
+// (benchmarks/fused_linears.py.) F.linear is the reference.
 //
 //   linear(x, wt, bias):  y[m, n] = sum_k x[m, k] * wt[k, n] + bias[n]
 //
@@ -23,6 +27,7 @@ using kvlab::to_float;
 using kvlab::load16;
 #endif
 
+constexpr int64_t GEMV_ROWS = 4;  // up to this many rows of x, the memory-bound GEMV; more: tiled_impl
 constexpr int64_t MIN_ROWS_PER_PART = 32;  // rows of wt per thread: fewer are not worth a thread
 
 // y[m, :] += sum_{i < R} x[m, k + i] * wt[k + i, :] for R = 4 rows of wt at a time (then one at a time)
@@ -66,8 +71,95 @@ void accumulate(const float* x, int64_t x_m, int64_t m_rows, const T* wt, int64_
   }
 }
 
+#ifdef __AVX512F__
+constexpr int64_t TILE = 48;     // output columns per register tile: 3 vectors
+constexpr int64_t ROW_TILE = 8;  // rows of x per tile: 8 x 3 accumulators + 3 weight vectors fit 32 registers
+constexpr int64_t K_BLOCK = 64;  // rows of wt per block: 64 x 48 floats, 12 KiB
+
+// y[0:MR, n:n+48] (+)= x[0:MR, k0:k1] @ wt[k0:k1, n:n+48], the tile's sums in registers, starting from the bias
+// (or 0) at k0 = 0 and from y after; mask[j]: the valid columns of vector j (a row's last tile may be partial).
+template <typename T, int MR>
+void tile(const float* x, int64_t x_m, const T* wt, int64_t w_k, int64_t k0, int64_t k1, int64_t n,
+          const __mmask16* mask, const float* bias, float* y, int64_t y_m, int64_t ahead) {
+  // three arrays of MR, not one [MR][3]: gcc keeps arrays up to ~1 KiB in registers, larger ones in memory
+  __m512 acc0[MR], acc1[MR], acc2[MR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    const float* from = k0 ? y + m * y_m + n : bias ? bias + n : nullptr;
+    acc0[m] = from ? _mm512_maskz_loadu_ps(mask[0], from) : _mm512_setzero_ps();
+    acc1[m] = from ? _mm512_maskz_loadu_ps(mask[1], from + 16) : _mm512_setzero_ps();
+    acc2[m] = from ? _mm512_maskz_loadu_ps(mask[2], from + 32) : _mm512_setzero_ps();
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    const T* w = wt + k * w_k + n;
+    for (int64_t byte = 0; byte < TILE * static_cast<int64_t>(sizeof(T)); byte += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(w + ahead) + byte, _MM_HINT_T0);
+    const __m512 b0 = load16(w, mask[0]), b1 = load16(w + 16, mask[1]), b2 = load16(w + 32, mask[2]);
+  #pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+      const __m512 a = _mm512_set1_ps(x[m * x_m + k]);
+      acc0[m] = _mm512_fmadd_ps(a, b0, acc0[m]);
+      acc1[m] = _mm512_fmadd_ps(a, b1, acc1[m]);
+      acc2[m] = _mm512_fmadd_ps(a, b2, acc2[m]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    float* ym = y + m * y_m + n;
+    _mm512_mask_storeu_ps(ym, mask[0], acc0[m]);
+    _mm512_mask_storeu_ps(ym + 16, mask[1], acc1[m]);
+    _mm512_mask_storeu_ps(ym + 32, mask[2], acc2[m]);
+  }
+}
+
+// More rows than a GEMV (batched decode): compute-bound, so register tiles of 8 rows x 48 columns, each
+// thread a range of column tiles (no partial sums). y [M, N] = x [M, K] @ wt [K, N] + bias.
+template <typename T>
+torch::Tensor tiled_impl(const torch::Tensor& x, const torch::Tensor& wt, const torch::Tensor& bias) {
+  const int64_t m_rows = x.size(0), k_rows = x.size(1), n_cols = wt.size(1);
+  auto out = torch::empty({m_rows, n_cols}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const T* wp = static_cast<const T*>(wt.data_ptr());
+  const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t x_m = x.stride(0), w_k = wt.stride(0);
+  const int64_t n_tiles = (n_cols + TILE - 1) / TILE;
+  // Each thread: a range of column tiles, walked block of wt's rows by block, so that its reads of a block
+  // are one contiguous run per row (a tile's own lines are rows apart: an LM head's rows are pages apart,
+  // which the hardware prefetcher does not follow). The next tile's lines are prefetched a tile ahead.
+  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k0 = 0; k0 < k_rows; k0 += K_BLOCK) {
+      const int64_t k1 = std::min(k_rows, k0 + K_BLOCK);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t * TILE;
+        __mmask16 mask[3];
+        for (int j = 0; j < 3; ++j) {
+          const int64_t left = n_cols - n - 16 * j;
+          mask[j] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+        }
+        for (int64_t m0 = 0; m0 < m_rows; m0 += ROW_TILE) {  // the block's tile stays in L1 across row tiles
+          const float* xm = xp + m0 * x_m;
+          float* ym = op + m0 * n_cols;
+          const int64_t ahead = m0 ? 0 : t + 2 < end ? 2 * TILE : k1 < k_rows ? K_BLOCK * w_k + (begin + 1 - t) * TILE : 0;
+          switch (std::min(ROW_TILE, m_rows - m0)) {
+#define KVLAB_TILE(R) case R: tile<T, R>(xm, x_m, wp, w_k, k0, k1, n, mask, bp, ym, n_cols, ahead); break;
+            KVLAB_TILE(1) KVLAB_TILE(2) KVLAB_TILE(3) KVLAB_TILE(4)
+            KVLAB_TILE(5) KVLAB_TILE(6) KVLAB_TILE(7) KVLAB_TILE(8)
+#undef KVLAB_TILE
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+#endif
+
 template <typename T>
 torch::Tensor linear_impl(const torch::Tensor& x, const torch::Tensor& wt, const torch::Tensor& bias) {
+#ifdef __AVX512F__
+  if (x.size(0) > GEMV_ROWS) return tiled_impl<T>(x, wt, bias);
+#endif
   const int64_t m_rows = x.size(0), k_rows = x.size(1), n_cols = wt.size(1);
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), k_rows / MIN_ROWS_PER_PART));
   auto partial = torch::empty({parts, m_rows, n_cols}, x.options());

@@ -47,6 +47,12 @@ inline __m512 load16(const c10::BFloat16* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+// The lanes of ``mask`` (the others 0, their memory never read): a row's last, partial vector.
+inline __m512 load16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 mask) {
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 
 // Lane j of the result = the sum of v[j]'s 16 lanes, for 16 vectors: a transpose-and-add tree (45
 // shuffles and adds for 16 dot products, where 16 separate horizontal sums take ~3x as many).
