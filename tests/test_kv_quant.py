@@ -226,6 +226,8 @@ def test_decode_reading_codes_block_by_block_equals_the_dequantized_copy(kind, m
     (2, 1, 1, 10, 4, 0, 1),      # MQA, no residual, block smaller than a group (rounded up), 1-byte words
     (1, 2, 6, 16, 32, 5, 8192),  # group wider than the head dim (value groups of gcd(32, 16) channels)
     (2, 2, 2, 128, 8, 3, 64),    # head dim 128, value groups of 8 channels (the kernel's scalar value loop)
+    (1, 1, 9, 128, 32, 7, 64),   # 9 query rows x 128 channels: the kernel's value blocks of 4 rows x 64
+    (1, 2, 5, 48, 16, 2, 64),    # 48 channels: 3-vector blocks, 5 rows (4 + 1)
 ])
 @torch.no_grad()
 def test_attend_on_codes_equals_dequantize_then_attend(kind, batch, kv_heads, queries, dim, group, residual, block,

@@ -15,7 +15,6 @@
 // parallel over rows and token / channel blocks with torch's thread pool (at::parallel_for).
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -85,6 +84,74 @@ struct Stream {
   const float* zero_at(int64_t r, int64_t n) const { return zero + r * z_r + n * z_n; }
 };
 
+#ifdef __AVX512F__
+// Scores of tokens t0 .. t1 (whole tiles of 16) of row r for every query row: each tile's keys dequantized
+// once into x16 [16, KD*16], then per query row 16 dot products and one sum16. KD = dim / 16 is a template
+// argument so the loops unroll and the 16 accumulators stay in registers.
+template <int BITS, int KD>
+void scores_tiles(const Stream& keys, int64_t r, int64_t t0, int64_t t1, const float* qs, const float* bias,
+                  int64_t m_rows, float* x16, float* o, int64_t o_m) {
+  constexpr int64_t dim = KD * 16;
+  for (int64_t t = t0; t < t1; t += 16) {
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      const uint8_t* c = keys.token(r, t + j);
+#pragma GCC unroll 8
+      for (int k = 0; k < KD; ++k) _mm512_storeu_ps(x16 + j * dim + 16 * k, load16<BITS>(c + k * 16 * BITS / 8));
+    }
+    for (int64_t m = 0; m < m_rows; ++m) {
+      const float* w = qs + m * dim;
+      __m512 wk[KD];
+#pragma GCC unroll 8
+      for (int k = 0; k < KD; ++k) wk[k] = _mm512_loadu_ps(w + 16 * k);
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) {
+        acc[j] = _mm512_mul_ps(_mm512_loadu_ps(x16 + j * dim), wk[0]);
+#pragma GCC unroll 8
+        for (int k = 1; k < KD; ++k) acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x16 + j * dim + 16 * k), wk[k], acc[j]);
+      }
+      _mm512_storeu_ps(o + m * o_m + (t - t0), _mm512_add_ps(sum16(acc), _mm512_set1_ps(bias[m])));
+    }
+  }
+}
+
+// p[m, t0:t1] @ dequantized values of row r, channels d0 .. d0 + 16 KD, added to acc [MR, .] (rows acc_m
+// apart): the MR x KD accumulators in registers (template arguments, so the loops unroll), each channel
+// vector's scale group hoisted out of the token loop.
+template <int BITS, int KD, int MR>
+void values_tokens(const Stream& vals, int64_t r, int64_t t0, int64_t t1, const float* p, int64_t p_m,
+                   int64_t width, int64_t d0, float* acc, int64_t acc_m) {
+  __m512 regs[MR][KD];
+  int64_t group_of[KD];
+#pragma GCC unroll 8
+  for (int k = 0; k < KD; ++k) group_of[k] = (d0 + k * 16) / width;
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int k = 0; k < KD; ++k) regs[m][k] = _mm512_loadu_ps(acc + m * acc_m + 16 * k);
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* c = vals.token(r, t) + d0 * BITS / 8;
+    const float *s = vals.scale_at(r, t), *z = vals.zero_at(r, t);
+    __m512 v[KD];
+#pragma GCC unroll 8
+    for (int k = 0; k < KD; ++k)
+      v[k] = _mm512_fmadd_ps(load16<BITS>(c + k * 16 * BITS / 8), _mm512_set1_ps(s[group_of[k]]),
+                             _mm512_set1_ps(z[group_of[k]]));
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) {
+      const __m512 w = _mm512_set1_ps(p[m * p_m + t]);
+#pragma GCC unroll 8
+      for (int k = 0; k < KD; ++k) regs[m][k] = _mm512_fmadd_ps(w, v[k], regs[m][k]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int k = 0; k < KD; ++k) _mm512_storeu_ps(acc + m * acc_m + 16 * k, regs[m][k]);
+}
+#endif
+
 template <int BITS>
 void scores_impl(const torch::Tensor& q, const torch::Tensor& codes, const torch::Tensor& scale,
                  const torch::Tensor& zero, int64_t group, torch::Tensor& out) {
@@ -113,22 +180,15 @@ void scores_impl(const torch::Tensor& q, const torch::Tensor& codes, const torch
         int64_t t = g * group;
 #ifdef __AVX512F__
         if (dim % 16 == 0 && dim <= 128) {  // 16 tokens at a time: dequantized once into x, then per query row
-          for (; t + 16 <= (g + 1) * group; t += 16) {
-            for (int j = 0; j < 16; ++j)
-              for (int64_t k = 0; k < dim / 16; ++k)
-                _mm512_storeu_ps(x16.data() + j * dim + 16 * k, load16<BITS>(keys.token(r, t + j) + k * 16 * BITS / 8));
-            for (int64_t m = 0; m < m_rows; ++m) {
-              const float* w = qs.data() + m * dim;
-              __m512 acc[16];
-              for (int j = 0; j < 16; ++j) {
-                const float* xj = x16.data() + j * dim;
-                acc[j] = _mm512_mul_ps(_mm512_loadu_ps(xj), _mm512_loadu_ps(w));
-                for (int64_t k = 1; k < dim / 16; ++k)
-                  acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(xj + 16 * k), _mm512_loadu_ps(w + 16 * k), acc[j]);
-              }
-              _mm512_storeu_ps(op + r * o_r + m * o_m + t, _mm512_add_ps(sum16(acc), _mm512_set1_ps(bias[m])));
-            }
+          const int64_t t1 = t + (((g + 1) * group - t) / 16) * 16;
+          float* o = op + r * o_r + t;
+          switch (dim / 16) {
+#define KVLAB_SCORES(KD) case KD: scores_tiles<BITS, KD>(keys, r, t, t1, qs.data(), bias.data(), m_rows, x16.data(), o, o_m); break;
+            KVLAB_SCORES(1) KVLAB_SCORES(2) KVLAB_SCORES(3) KVLAB_SCORES(4)
+            KVLAB_SCORES(5) KVLAB_SCORES(6) KVLAB_SCORES(7) KVLAB_SCORES(8)
+#undef KVLAB_SCORES
           }
+          t = t1;
         }
 #endif
         for (; t < (g + 1) * group; ++t) {
@@ -167,46 +227,35 @@ torch::Tensor values_impl(const torch::Tensor& p, const torch::Tensor& codes, co
   float* op = partial.data_ptr<float>();
   const int64_t p_r = p.stride(0), p_m = p.stride(1);
 #ifdef __AVX512F__
-  const bool vector = dim % 16 == 0 && dim <= 256 && width % 16 == 0;  // a 16-channel vector in one scale group
-  const bool in_registers = vector && dim <= 64 && m_rows <= 4;  // <= 16 accumulators
+  const bool vector = dim % 16 == 0 && width % 16 == 0;  // every 16-channel vector in one scale group
 #endif
-  auto run = [&](auto regs_tag) {  // regs_tag: std::bool_constant, whether the accumulators stay in registers
-  constexpr bool REGS = decltype(regs_tag)::value;
   at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> row(dim);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / chunks, t0 = (item % chunks) * CHUNK, t1 = std::min(tokens, t0 + CHUNK);
       float* acc = op + item * m_rows * dim;
 #ifdef __AVX512F__
-      __m512 regs[4][4];
-      if constexpr (REGS)
-        for (int64_t m = 0; m < m_rows; ++m)
-          for (int64_t k = 0; k < dim / 16; ++k) regs[m][k] = _mm512_setzero_ps();
-#endif
-      for (int64_t t = t0; t < t1; ++t) {
-        const uint8_t* c = vals.token(r, t);
-        const float *s = vals.scale_at(r, t), *z = vals.zero_at(r, t);
-#ifdef __AVX512F__
-        if (vector) {
-          __m512 v[16];
-          for (int64_t k = 0; k < dim / 16; ++k) {
-            const int64_t j = k * 16 / width;
-            v[k] = _mm512_fmadd_ps(load16<BITS>(c + k * 16 * BITS / 8), _mm512_set1_ps(s[j]), _mm512_set1_ps(z[j]));
-          }
-          for (int64_t m = 0; m < m_rows; ++m) {
-            const __m512 w = _mm512_set1_ps(pp[r * p_r + m * p_m + t]);
-            float* a = acc + m * dim;
-            for (int64_t k = 0; k < dim / 16; ++k) {
-              if constexpr (REGS)  // the accumulators stay in registers across the block's tokens
-                regs[m][k] = _mm512_fmadd_ps(w, v[k], regs[m][k]);
-              else
-                _mm512_storeu_ps(a + 16 * k, _mm512_fmadd_ps(w, v[k], _mm512_loadu_ps(a + 16 * k)));
+      if (vector) {  // blocks of <= 4 query rows x <= 64 channels, each block's sums in registers
+        for (int64_t m0 = 0; m0 < m_rows; m0 += 4)
+          for (int64_t d0 = 0; d0 < dim; d0 += 64) {
+            const float* pr = pp + r * p_r + m0 * p_m;
+            float* a = acc + m0 * dim + d0;
+            switch (std::min<int64_t>(4, (dim - d0) / 16) * 8 + std::min<int64_t>(4, m_rows - m0)) {
+#define KVLAB_VALUES(KD, MR) \
+  case KD * 8 + MR: values_tokens<BITS, KD, MR>(vals, r, t0, t1, pr, p_m, width, d0, a, dim); break;
+              KVLAB_VALUES(1, 1) KVLAB_VALUES(1, 2) KVLAB_VALUES(1, 3) KVLAB_VALUES(1, 4)
+              KVLAB_VALUES(2, 1) KVLAB_VALUES(2, 2) KVLAB_VALUES(2, 3) KVLAB_VALUES(2, 4)
+              KVLAB_VALUES(3, 1) KVLAB_VALUES(3, 2) KVLAB_VALUES(3, 3) KVLAB_VALUES(3, 4)
+              KVLAB_VALUES(4, 1) KVLAB_VALUES(4, 2) KVLAB_VALUES(4, 3) KVLAB_VALUES(4, 4)
+#undef KVLAB_VALUES
             }
           }
-          continue;
-        }
+        continue;
+      }
 #endif
-        load_codes<BITS>(c, dim, row.data());
+      for (int64_t t = t0; t < t1; ++t) {  // any shape: a token's values dequantized into row, then added
+        load_codes<BITS>(vals.token(r, t), dim, row.data());
+        const float *s = vals.scale_at(r, t), *z = vals.zero_at(r, t);
         float* v = row.data();
         for (int64_t j = 0; j < n_groups; ++j) {
 #pragma omp simd
@@ -219,23 +268,8 @@ torch::Tensor values_impl(const torch::Tensor& p, const torch::Tensor& codes, co
           for (int64_t d = 0; d < dim; ++d) a[d] += w * v[d];
         }
       }
-#ifdef __AVX512F__
-      if constexpr (REGS)
-        for (int64_t m = 0; m < m_rows; ++m)
-          for (int64_t k = 0; k < dim / 16; ++k) _mm512_storeu_ps(acc + m * dim + 16 * k, regs[m][k]);
-#endif
     }
   });
-  };
-#ifdef __AVX512F__
-  if (in_registers) {
-    run(std::true_type{});
-  } else {
-    run(std::false_type{});
-  }
-#else
-  run(std::false_type{});
-#endif
   return chunks == 1 ? partial.squeeze(1) : partial.sum(1);
 }
 
