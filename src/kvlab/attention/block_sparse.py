@@ -143,15 +143,14 @@ def block_sparse_mask(spec: BlockSparseSpec, ctx: ForwardContext, key_steps: tor
     kpos = (ksteps - pad)[:, None, :]  # [B|1, 1, T]
     b = spec.block
     qb, kb = qpos.div(b, rounding_mode="floor").clamp_min(0), kpos.div(b, rounding_mode="floor").clamp_min(0)
-    n_blocks = max(int(qb.max()), int(kb.max())) + 1 if kb.numel() and qb.numel() else 1
-    i, j = torch.arange(n_blocks, device=key_steps.device)[:, None], torch.arange(n_blocks, device=key_steps.device)
-    table = (i - j < spec.local_blocks) | (j < spec.global_blocks)  # [blocks, blocks]
-    if spec.random_blocks:
-        table = table | random_block_table(n_blocks, n_blocks, spec.local_blocks, spec.global_blocks,
-                                           spec.random_blocks, spec.seed, key_steps.device)
-    # block table -> tokens with two index_selects per row: no [S, T] integer intermediates (16K x 16K)
-    pattern = torch.stack([table.index_select(0, qb[r % qb.shape[0], :, 0]).index_select(1, kb[r, 0])
-                           for r in range(kb.shape[0])])  # [B|1, S, T]
+    # [B|1, S, T] bool, local and global blocks, compared by broadcasting (no [S, T] integer intermediate)
+    pattern = (kb > qb - spec.local_blocks) | (kb < spec.global_blocks)
+    if spec.random_blocks:  # block table -> tokens, two index_selects per row: no [S, T] integer intermediates
+        n_blocks = max(int(qb.max()), int(kb.max())) + 1 if kb.numel() and qb.numel() else 1
+        table = random_block_table(n_blocks, n_blocks, spec.local_blocks, spec.global_blocks,
+                                   spec.random_blocks, spec.seed, key_steps.device)  # [blocks, blocks]
+        pattern = pattern | torch.stack([table.index_select(0, qb[r % qb.shape[0], :, 0]).index_select(1, kb[r, 0])
+                                         for r in range(kb.shape[0])])  # [B|1, S, T]
     allowed = (kpos <= qpos) & (kpos >= 0) & pattern
     allowed = allowed | (ksteps[:, None, :] == ctx.query_steps[None, :, None])  # a query sees itself
     return allowed.unsqueeze(1)
@@ -225,19 +224,27 @@ class BlockSparseAttention(FullAttention):
 
     def _window_keys(self, k, v, ctx: ForwardContext, cache: WindowKVCacheLayer):
         """Global (sink) slots + ring + new keys, with per-row steps; a global token still in the ring
-        is rejected there (it is read from its global slot)."""
+        is rejected there (it is read from its global slot). A decode step writes its key first and then
+        attends to the slots as they are (one view, no copy): the ring holds ``local_blocks * block``
+        steps, and the slot it overwrites is older than the block-aligned local window."""
         start, batch = ctx.start, k.shape[0]
+        decode = ctx.seq_len == 1
+        if decode:
+            cache.write(k, v, start, ctx.pad_offset)
+        held = start + decode  # steps in the cache now
         pad = torch.zeros(batch, dtype=torch.long, device=k.device) if ctx.pad_offset is None else ctx.pad_offset
-        ring = cache.key_steps()[: min(cache.length, cache.window)]  # [R]
+        ring = cache.key_steps() if decode else cache.key_steps()[: min(cache.length, cache.window)]  # [R]
         ring = ring[None, :].expand(batch, -1)
         n_glob = cache.sinks
         keys, values, steps = [], [], []
         if n_glob:
             gsteps = pad[:, None] + torch.arange(n_glob, device=k.device)[None, :]  # [B, G]
-            steps.append(torch.where(gsteps < start, gsteps, torch.full_like(gsteps, EMPTY_STEP)))
+            steps.append(torch.where(gsteps < held, gsteps, torch.full_like(gsteps, EMPTY_STEP)))
             keys.append(cache.sink_k)
             values.append(cache.sink_v)
             ring = torch.where(ring - pad[:, None] < n_glob, torch.full_like(ring, EMPTY_STEP), ring)
+        if decode:  # [B, Hkv, G + W, D]: the global slots, then the ring
+            return cache.slots_k, cache.slots_v, block_sparse_mask(self.spec, ctx, torch.cat([*steps, ring], 1))
         keys += [cache.ring_k[:, :, : ring.shape[1]], k]
         values += [cache.ring_v[:, :, : ring.shape[1]], v]
         steps += [ring, ctx.query_steps[None, :].expand(batch, -1)]
