@@ -13,6 +13,7 @@ from torch import nn
 
 from kvlab.attention._common import ForwardContext
 from kvlab.cache.base import CacheLayer, GrowingBuffer
+from kvlab.kernels import TOPK
 from kvlab.norms import RMSNorm
 from kvlab.rope import Rotary
 
@@ -162,7 +163,16 @@ class Indexer(Compressor):
 
     def select(self, scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k entry indices ``[B, S, k]`` in position order, and their validity. Deterministic under
-        ties: entries scoring above the k-th score are taken, then the earliest entries equal to it."""
+        ties: entries scoring above the k-th score are taken, then the earliest entries equal to it.
+        Through ``kernels.TOPK`` (a quickselect per row) where it applies, else ``select_reference``."""
+        k = min(self.topk, scores.shape[-1])
+        if scores.dtype == torch.float32 and scores.is_contiguous() and TOPK.usable(scores):
+            idx = TOPK.module().select(scores.view(-1, scores.shape[-1]), k).view(*scores.shape[:-1], k)
+            return idx, idx < visible.unsqueeze(-1)
+        return self.select_reference(scores, visible)
+
+    def select_reference(self, scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``select`` as torch ops over the whole score matrix (the kernel's reference)."""
         k = min(self.topk, scores.shape[-1])
         kth = scores.kthvalue(scores.shape[-1] - k + 1, dim=-1, keepdim=True).values  # [B, S, 1]: quickselect
         above = scores > kth
