@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, write_results  # noqa: E402
 from decode_bandwidth import cpu_flags, read_seconds  # noqa: E402
 
-from kvlab.attention._common import _decode_kernel_applies, decode_attention  # noqa: E402
+from kvlab.attention._common import decode_attention, decode_kernel_applies  # noqa: E402
 from kvlab.kernels import FLOAT  # noqa: E402
 
 KV_HEADS, GROUP, HEAD_DIM, LAYERS = 3, 3, 64, 30
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         for batch, tokens in cases:
             kv = caches(batch, tokens, dtype, gen)
             q = torch.randn(batch, KV_HEADS * GROUP, 1, HEAD_DIM, generator=gen).to(dtype)
-            assert _decode_kernel_applies(q, *kv[0], None)
+            assert decode_kernel_applies(q, *kv[0], None)
             folded = q.view(batch, KV_HEADS, GROUP, HEAD_DIM)  # what grouped_sdpa runs without the kernel
             run = {"kernel": lambda q=q, kv=kv: [decode_attention(q, k, v, None, None) for k, v in kv],
                    "sdpa": lambda q=folded, kv=kv: [SDPA(q, k, v) for k, v in kv]}

@@ -10,7 +10,7 @@ from helpers import portable_build
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvlab.attention._common import _decode_kernel_applies, decode_attention, grouped_sdpa
+from kvlab.attention._common import decode_attention, decode_kernel_applies, grouped_sdpa
 from kvlab.kernels import FLOAT
 
 
@@ -85,26 +85,26 @@ def test_kernel_equals_sdpa_on_random_shapes(batch, kv_heads, group, tokens, dim
 @torch.no_grad()
 def test_grouped_sdpa_takes_the_kernel_only_where_it_applies(monkeypatch):
     q, k, v, mask = case(2, 3, 3, 100, 64, 64, torch.float32, "per row", seed=1)
-    assert _decode_kernel_applies(q, k, v, mask)
+    assert decode_kernel_applies(q, k, v, mask)
     calls = []
     monkeypatch.setattr("kvlab.attention._common.decode_attention", lambda *a: calls.append(a) or reference(*a))
     grouped_sdpa(q, k, v, mask, causal=True, scale=None)
     assert len(calls) == 1
-    assert not _decode_kernel_applies(q.half(), k.half(), v.half(), mask)  # fp16: SDPA
-    assert not _decode_kernel_applies(q, k, v, mask.float())  # an additive mask: SDPA
-    assert not _decode_kernel_applies(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, mask)  # channels strided
+    assert not decode_kernel_applies(q.half(), k.half(), v.half(), mask)  # fp16: SDPA
+    assert not decode_kernel_applies(q, k, v, mask.float())  # an additive mask: SDPA
+    assert not decode_kernel_applies(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, mask)  # channels strided
     monkeypatch.setenv("KVLAB_FLOAT_KERNEL", "0")
-    assert not _decode_kernel_applies(q, k, v, mask)
+    assert not decode_kernel_applies(q, k, v, mask)
 
 
 def test_decode_with_autograd_uses_sdpa_and_keeps_gradients():
     q, k, v, _ = case(1, 2, 2, 50, 16, 16, torch.float32, "none", seed=2)
     q.requires_grad_(True)
-    assert not _decode_kernel_applies(q, k, v, None)
+    assert not decode_kernel_applies(q, k, v, None)
     grouped_sdpa(q, k, v, None, causal=True, scale=None).sum().backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
     with torch.no_grad():
-        assert _decode_kernel_applies(q, k, v, None)
+        assert decode_kernel_applies(q, k, v, None)
 
 
 @pytest.mark.slow

@@ -132,17 +132,19 @@ def hf_exports(smollm2, tmp_path_factory):
 @pytest.mark.parametrize("name,family", [("gqa", "llama"), ("mqa", "llama"), ("mla", "deepseek_v3"),
                                          ("mqa-convert", "llama"), ("mla-convert", "deepseek_v3")])
 def test_smollm2_hf_exports_match_stock_transformers(smollm2, hf_exports, prompt, name, family):
-    """The export's own check (export_check.json, fp32): greedy tokens equal, logits within 1e-4 (Llama
-    and convert's MLA). For the MLA stand-in, HF expands the latent into per-head K/V while kvlab absorbs
-    the up-projections for short inputs: another fp32 summation order, which this model (latent = hidden /
-    norm weight, weights up to 5e3) amplifies to ~1e-3 (kvlab's own fp32-vs-fp64 error is 3-5e-4 here).
-    Exactness is therefore also checked in fp64, where rounding cannot hide a mismatch: stock
-    AutoModelForCausalLM within 1e-4."""
+    """The export's own check (export_check.json, fp32): greedy tokens equal, logits within 1e-3. kvlab's
+    linears for up to 64 rows (the check's teacher-forced forward has ~40) run its own kernel
+    (kernels/csrc/gemv.cpp, two-level fp32 sums) where transformers runs MKL: another summation order,
+    1e-4 to 5e-4 apart on these logits (0 with KVLAB_GEMV_KERNEL=0, when both run MKL). For the MLA
+    stand-in, HF expands the latent into per-head K/V while kvlab absorbs the up-projections for short
+    inputs: another order again, which this model (latent = hidden / norm weight, weights up to 5e3)
+    amplifies to ~1e-3 (kvlab's own fp32-vs-fp64 error is 3-5e-4 here). Exactness is therefore checked in
+    fp64, where rounding cannot hide a mismatch: stock AutoModelForCausalLM within 1e-4."""
     report = hf_exports[name]
     record = json.loads((report["path"] / "export_check.json").read_text())["checks"][0]
     assert report["family"] == family and record["engine"].startswith("transformers")
     assert record["greedy"] == "equal", record
-    assert record["max_abs_logit_diff"] < (2e-3 if name == "mla" else 1e-4), record
+    assert record["max_abs_logit_diff"] < (2e-3 if name == "mla" else 1e-3), record
     model = copy.deepcopy(smollm2[1][name]).double()
     reference = transformers.AutoModelForCausalLM.from_pretrained(report["path"], dtype=torch.float64).eval()
     ids = torch.tensor([prompt])

@@ -102,7 +102,7 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     """
     batch, heads, seq, dim = q.shape
     kv_heads = k.shape[1]
-    if seq == 1 and _decode_kernel_applies(q, k, v, mask):
+    if seq == 1 and decode_kernel_applies(q, k, v, mask):
         return decode_attention(q, k, v, mask, scale)
     if seq > 1 and v.shape[-1] != dim:
         return _equal_head_dims(q, k, v, mask, causal, scale)
@@ -119,7 +119,7 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     return out.view(batch, heads, seq, v.shape[-1])
 
 
-def _decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+def decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """``FLOAT`` can take this decode call: a float32 / bfloat16 cache whose ``[B, Hkv]`` rows fold into one
     axis without a copy, a boolean mask (or none), nothing to differentiate, no trace being recorded."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad

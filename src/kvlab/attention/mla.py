@@ -30,7 +30,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from kvlab.attention._common import ForwardContext, grouped_sdpa
+from kvlab.attention._common import ForwardContext, decode_attention, decode_kernel_applies, grouped_sdpa
 from kvlab.attention.full import causal_mask
 from kvlab.cache.base import CacheLayer, GrowingBuffer
 from kvlab.cache.quantized import QuantizedStream, stream_bytes
@@ -247,8 +247,11 @@ class MultiHeadLatentAttention(nn.Module):
         q_latent = torch.bmm(q_nope.transpose(0, 1).reshape(heads, batch * seq, -1), w_uk)  # [H, B*S, r]
         q_latent = q_latent.view(heads, batch, seq, -1).transpose(0, 1)  # [B, H, S, r]
         query = torch.cat([q_latent, q_rope], dim=-1)  # [B, H, S, r + dR]
+        values = ckv[..., : self.rank]  # [B, 1, T, r]: the latent, read in place
         if seq > 1:  # a prefill chunk: SDPA's fused kernel over one KV head (values: the latent), no [S, T] scores
-            out = grouped_sdpa(query, ckv, ckv[..., : self.rank], mask, causal=True, scale=self.scale)  # [B,H,S,r]
+            out = grouped_sdpa(query, ckv, values, mask, causal=True, scale=self.scale)  # [B,H,S,r]
+        elif decode_kernel_applies(query, ckv, values, mask):  # the one-pass kernel: H query rows, one KV row
+            out = decode_attention(query, ckv, values, mask, self.scale)  # [B, H, 1, r]
         else:
             # decode: one "KV head" shared by all H query heads, the cache read in place (SDPA's math fallback
             # for unequal q/v dims would copy the scaled cache every step); heads folded into the query axis
@@ -256,7 +259,7 @@ class MultiHeadLatentAttention(nn.Module):
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))  # mask [B|1, 1, 1, T] broadcasts over heads
             probs = scores.softmax(dim=-1, dtype=torch.float32).to(ckv.dtype)
-            out = torch.matmul(probs, ckv[..., : self.rank]).view(batch, heads, 1, self.rank)  # [B, H, 1, r]
+            out = torch.matmul(probs, values).view(batch, heads, 1, self.rank)  # [B, H, 1, r]
         out = torch.bmm(out.transpose(0, 1).reshape(heads, batch * seq, -1), w_uv.transpose(1, 2))  # [H,B*S,dv]
         return out.view(heads, batch, seq, -1).transpose(0, 1)  # [B, H, S, d_v]
 

@@ -9,7 +9,10 @@
 // Rows r = batch x KV heads, m = the query rows of a GQA group, t = tokens, D / Dv = head dims.
 // q [R, M, D] f32; k [R, T, D], v [R, T, Dv] f32 or bf16, rows and tokens strided, channels contiguous;
 // mask [Bm, T] bool (True = attend) with Bm = 1 or the batch (row r is sequence r / (R / Bm)), or empty.
-// Scores, softmax and sums in float32.
+// Scores, softmax and sums in float32. The vector loops are templates over the head dims' 16-channel
+// vectors (and the value blocks' rows): unrolled, their sums stay in registers for any GQA group (blocks of
+// 4 query rows x 64 channels) and head dims up to 256, e.g. MLA's absorbed decode (9 query heads over a
+// 160-wide latent, 128-wide values).
 
 #include <algorithm>
 #include <limits>
@@ -35,6 +38,37 @@ struct Strided {  // a [R, T, W] tensor as a pointer and hoisted strides (Tensor
   const T* at(int64_t row, int64_t token) const { return static_cast<const T*>(data) + row * r + token * t; }
 };
 
+#ifdef __AVX512F__
+// block_scores' 16-token tiles for a head dim of KD vectors (a template argument, so the loops unroll and
+// the 16 sums stay in registers; q in registers too up to 8 vectors, read from L1 past that)
+template <typename T, int KD>
+void score_tiles(const float* q, int64_t q_m, int64_t m_rows, const Strided& k, int64_t row, int64_t t0,
+                 int64_t t1, float scale, float* scores, int64_t width, int64_t t_begin) {  // t1 - t0: 16s
+  for (int64_t t = t0; t < t1; t += 16) {
+    for (int64_t m = 0; m < m_rows; ++m) {
+      const float* qm = q + m * q_m;
+      __m512 qv[KD <= 8 ? KD : 1], acc[16];
+      if constexpr (KD <= 8) {
+#pragma GCC unroll 8
+        for (int c = 0; c < KD; ++c) qv[c] = _mm512_loadu_ps(qm + 16 * c);
+      }
+      auto query = [&](int c) {  // q's vector c: from registers, or from L1 past 8 vectors
+        if constexpr (KD <= 8) return qv[c];
+        else return _mm512_loadu_ps(qm + 16 * c);
+      };
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) {
+        const T* kt = k.at<T>(row, t + j);
+        acc[j] = _mm512_mul_ps(load16(kt), query(0));
+#pragma GCC unroll 16
+        for (int c = 1; c < KD; ++c) acc[j] = _mm512_fmadd_ps(load16(kt + 16 * c), query(c), acc[j]);
+      }
+      _mm512_storeu_ps(scores + m * width + (t - t_begin), _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
+    }
+  }
+}
+#endif
+
 // scores[m, t - t0] = scale * q[m] . k[t] (or -inf where masked) for t in [t0, t1)
 template <typename T>
 void block_scores(const float* q, int64_t q_m, int64_t m_rows, int64_t dim, const Strided& k, int64_t row,
@@ -42,20 +76,17 @@ void block_scores(const float* q, int64_t q_m, int64_t m_rows, int64_t dim, cons
   const int64_t width = t1 - t0;
   int64_t t = t0;
 #ifdef __AVX512F__
-  if (dim % 16 == 0 && dim <= 128) {  // 16 tokens at a time, one query row at a time: q in registers
-    for (; t + 16 <= t1; t += 16) {
-      for (int64_t m = 0; m < m_rows; ++m) {
-        const float* qm = q + m * q_m;
-        __m512 qv[8], acc[16];
-        for (int64_t c = 0; c < dim / 16; ++c) qv[c] = _mm512_loadu_ps(qm + 16 * c);
-        for (int j = 0; j < 16; ++j) {
-          const T* kt = k.at<T>(row, t + j);
-          acc[j] = _mm512_mul_ps(load16(kt), qv[0]);
-          for (int64_t c = 1; c < dim / 16; ++c) acc[j] = _mm512_fmadd_ps(load16(kt + 16 * c), qv[c], acc[j]);
-        }
-        _mm512_storeu_ps(scores + m * width + (t - t0), _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
-      }
+  if (dim % 16 == 0 && dim <= 256) {  // 16 tokens at a time, one query row at a time
+    const int64_t tiles_end = t0 + (width / 16) * 16;
+    switch (dim / 16) {
+#define KVLAB_SCORES(KD) \
+  case KD: score_tiles<T, KD>(q, q_m, m_rows, k, row, t0, tiles_end, scale, scores, width, t0); break;
+      KVLAB_SCORES(1) KVLAB_SCORES(2) KVLAB_SCORES(3) KVLAB_SCORES(4) KVLAB_SCORES(5) KVLAB_SCORES(6)
+      KVLAB_SCORES(7) KVLAB_SCORES(8) KVLAB_SCORES(9) KVLAB_SCORES(10) KVLAB_SCORES(11) KVLAB_SCORES(12)
+      KVLAB_SCORES(13) KVLAB_SCORES(14) KVLAB_SCORES(15) KVLAB_SCORES(16)
+#undef KVLAB_SCORES
     }
+    t = tiles_end;
   }
 #endif
   for (; t < t1; ++t) {
@@ -76,33 +107,32 @@ void block_scores(const float* q, int64_t q_m, int64_t m_rows, int64_t dim, cons
 }
 
 #ifdef __AVX512F__
-// block_values with 16-lane vectors; REGS: the accumulators (<= 4 rows x 4 vectors) stay in registers
-template <typename T, bool REGS>
-void block_values_avx512(const float* p, int64_t m_rows, int64_t dv, const Strided& v, int64_t row, int64_t t0,
-                         int64_t t1, float* acc) {
-  const int64_t width = t1 - t0;
-  __m512 a[4][4];
-  if constexpr (REGS)
-    for (int64_t m = 0; m < m_rows; ++m)
-      for (int64_t c = 0; c < dv / 16; ++c) a[m][c] = _mm512_setzero_ps();
+// acc[m, d0 : d0 + 16 KD] += sum_t p[m, t - t0] v[t, d0 : ...] for MR rows: the MR x KD sums in registers
+// (template arguments, so the loops unroll; with runtime bounds gcc kept them in memory)
+template <typename T, int KD, int MR>
+void value_tile(const float* p, int64_t width, int64_t dv, int64_t d0, const Strided& v, int64_t row,
+                int64_t t0, int64_t t1, float* acc) {
+  __m512 a[MR][KD];
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int c = 0; c < KD; ++c) a[m][c] = _mm512_loadu_ps(acc + m * dv + d0 + 16 * c);
   for (int64_t t = t0; t < t1; ++t) {
-    const T* vt = v.at<T>(row, t);
-    __m512 x[16];
-    for (int64_t c = 0; c < dv / 16; ++c) x[c] = load16(vt + 16 * c);
-    for (int64_t m = 0; m < m_rows; ++m) {
+    const T* vt = v.at<T>(row, t) + d0;
+    __m512 x[KD];
+#pragma GCC unroll 4
+    for (int c = 0; c < KD; ++c) x[c] = load16(vt + 16 * c);
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) {
       const __m512 w = _mm512_set1_ps(p[m * width + (t - t0)]);
-      float* am = acc + m * dv;
-      for (int64_t c = 0; c < dv / 16; ++c) {
-        if constexpr (REGS)
-          a[m][c] = _mm512_fmadd_ps(w, x[c], a[m][c]);
-        else
-          _mm512_storeu_ps(am + 16 * c, _mm512_fmadd_ps(w, x[c], _mm512_loadu_ps(am + 16 * c)));
-      }
+#pragma GCC unroll 4
+      for (int c = 0; c < KD; ++c) a[m][c] = _mm512_fmadd_ps(w, x[c], a[m][c]);
     }
   }
-  if constexpr (REGS)
-    for (int64_t m = 0; m < m_rows; ++m)
-      for (int64_t c = 0; c < dv / 16; ++c) _mm512_storeu_ps(acc + m * dv + 16 * c, a[m][c]);
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int c = 0; c < KD; ++c) _mm512_storeu_ps(acc + m * dv + d0 + 16 * c, a[m][c]);
 }
 #endif
 
@@ -112,11 +142,21 @@ void block_values(const float* p, int64_t m_rows, int64_t dv, const Strided& v, 
                   int64_t t1, float* acc) {
   const int64_t width = t1 - t0;
 #ifdef __AVX512F__
-  if (dv % 16 == 0 && dv <= 256) {
-    if (dv <= 64 && m_rows <= 4)
-      block_values_avx512<T, true>(p, m_rows, dv, v, row, t0, t1, acc);
-    else
-      block_values_avx512<T, false>(p, m_rows, dv, v, row, t0, t1, acc);
+  if (dv % 16 == 0) {  // blocks of <= 4 rows x <= 64 channels, each block's sums in registers
+    for (int64_t m0 = 0; m0 < m_rows; m0 += 4)
+      for (int64_t d0 = 0; d0 < dv; d0 += 64) {
+        const float* pm = p + m0 * width;
+        float* am = acc + m0 * dv;
+        switch (std::min<int64_t>(4, (dv - d0) / 16) * 8 + std::min<int64_t>(4, m_rows - m0)) {
+#define KVLAB_VALUES(KD, MR) \
+  case KD * 8 + MR: value_tile<T, KD, MR>(pm, width, dv, d0, v, row, t0, t1, am); break;
+          KVLAB_VALUES(1, 1) KVLAB_VALUES(1, 2) KVLAB_VALUES(1, 3) KVLAB_VALUES(1, 4)
+          KVLAB_VALUES(2, 1) KVLAB_VALUES(2, 2) KVLAB_VALUES(2, 3) KVLAB_VALUES(2, 4)
+          KVLAB_VALUES(3, 1) KVLAB_VALUES(3, 2) KVLAB_VALUES(3, 3) KVLAB_VALUES(3, 4)
+          KVLAB_VALUES(4, 1) KVLAB_VALUES(4, 2) KVLAB_VALUES(4, 3) KVLAB_VALUES(4, 4)
+#undef KVLAB_VALUES
+        }
+      }
     return;
   }
 #endif

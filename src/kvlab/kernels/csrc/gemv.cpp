@@ -78,20 +78,16 @@ constexpr int64_t TILE = 48;     // output columns per register tile: 3 vectors
 constexpr int64_t ROW_TILE = 8;  // rows of x per tile: 8 x 3 accumulators + 3 weight vectors fit 32 registers
 constexpr int64_t K_BLOCK = 64;  // rows of wt per block: 64 x 48 floats, 12 KiB
 
-// y[0:MR, n:n+48] (+)= x[0:MR, k0:k1] @ wt[k0:k1, n:n+48], the tile's sums in registers, starting from the bias
-// (or 0) at k0 = 0 and from y after; mask[j]: the valid columns of vector j (a row's last tile may be partial);
+// y[0:MR, n:n+48] (+)= x[0:MR, k0:k1] @ wt[k0:k1, n:n+48], the tile's sums in registers, from 0, then added
+// to the bias (k0 = 0) or to y (the earlier blocks): two-level sums, whose rounding grows with 64 + K/64
+// terms, not K (one running sum over K = 1,536 moved SmolLM2's logits by up to 1e-3 against MKL); mask[j]: the valid columns of vector j (a row's last tile may be partial);
 // ahead: where the same row of a later tile is, from this one's (prefetched meanwhile; 0: none).
 template <typename T, int MR>
 void tile(const float* x, int64_t x_m, const T* wt, int64_t w_k, int64_t k0, int64_t k1, int64_t n,
           const __mmask16* mask, const float* bias, float* y, int64_t y_m, int64_t ahead) {
   __m512 acc0[MR], acc1[MR], acc2[MR];
 #pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) {
-    const float* from = k0 ? y + m * y_m + n : bias ? bias + n : nullptr;
-    acc0[m] = from ? _mm512_maskz_loadu_ps(mask[0], from) : _mm512_setzero_ps();
-    acc1[m] = from ? _mm512_maskz_loadu_ps(mask[1], from + 16) : _mm512_setzero_ps();
-    acc2[m] = from ? _mm512_maskz_loadu_ps(mask[2], from + 32) : _mm512_setzero_ps();
-  }
+  for (int m = 0; m < MR; ++m) acc0[m] = acc1[m] = acc2[m] = _mm512_setzero_ps();
   for (int64_t k = k0; k < k1; ++k) {
     const T* w = wt + k * w_k + n;
     for (int64_t byte = 0; byte < TILE * static_cast<int64_t>(sizeof(T)); byte += 64)
@@ -106,8 +102,14 @@ void tile(const float* x, int64_t x_m, const T* wt, int64_t w_k, int64_t k0, int
     }
   }
 #pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) {
+  for (int m = 0; m < MR; ++m) {  // the block's sums added to the earlier blocks' (or the bias)
     float* ym = y + m * y_m + n;
+    const float* from = k0 ? ym : bias ? bias + n : nullptr;
+    if (from) {
+      acc0[m] = _mm512_add_ps(acc0[m], _mm512_maskz_loadu_ps(mask[0], from));
+      acc1[m] = _mm512_add_ps(acc1[m], _mm512_maskz_loadu_ps(mask[1], from + 16));
+      acc2[m] = _mm512_add_ps(acc2[m], _mm512_maskz_loadu_ps(mask[2], from + 32));
+    }
     _mm512_mask_storeu_ps(ym, mask[0], acc0[m]);
     _mm512_mask_storeu_ps(ym + 16, mask[1], acc1[m]);
     _mm512_mask_storeu_ps(ym + 32, mask[2], acc2[m]);
