@@ -143,20 +143,10 @@ void block_values(const float* p, int64_t m_rows, int64_t dv, const Strided& v, 
   const int64_t width = t1 - t0;
 #ifdef __AVX512F__
   if (dv % 16 == 0) {  // blocks of <= 4 rows x <= 64 channels, each block's sums in registers
-    for (int64_t m0 = 0; m0 < m_rows; m0 += 4)
-      for (int64_t d0 = 0; d0 < dv; d0 += 64) {
-        const float* pm = p + m0 * width;
-        float* am = acc + m0 * dv;
-        switch (std::min<int64_t>(4, (dv - d0) / 16) * 8 + std::min<int64_t>(4, m_rows - m0)) {
-#define KVLAB_VALUES(KD, MR) \
-  case KD * 8 + MR: value_tile<T, KD, MR>(pm, width, dv, d0, v, row, t0, t1, am); break;
-          KVLAB_VALUES(1, 1) KVLAB_VALUES(1, 2) KVLAB_VALUES(1, 3) KVLAB_VALUES(1, 4)
-          KVLAB_VALUES(2, 1) KVLAB_VALUES(2, 2) KVLAB_VALUES(2, 3) KVLAB_VALUES(2, 4)
-          KVLAB_VALUES(3, 1) KVLAB_VALUES(3, 2) KVLAB_VALUES(3, 3) KVLAB_VALUES(3, 4)
-          KVLAB_VALUES(4, 1) KVLAB_VALUES(4, 2) KVLAB_VALUES(4, 3) KVLAB_VALUES(4, 4)
-#undef KVLAB_VALUES
-        }
-      }
+    kvlab::for_register_blocks(m_rows, dv, [&](auto kd, auto mr, int64_t m0, int64_t d0) {
+      value_tile<T, decltype(kd)::value, decltype(mr)::value>(p + m0 * width, width, dv, d0, v, row, t0, t1,
+                                                              acc + m0 * dv);
+    });
     return;
   }
 #endif

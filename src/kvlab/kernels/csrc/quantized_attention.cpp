@@ -241,20 +241,10 @@ torch::Tensor values_impl(const torch::Tensor& p, const torch::Tensor& codes, co
       float* acc = op + item * m_rows * dim;
 #ifdef __AVX512F__
       if (vector) {  // blocks of <= 4 query rows x <= 64 channels, each block's sums in registers
-        for (int64_t m0 = 0; m0 < m_rows; m0 += 4)
-          for (int64_t d0 = 0; d0 < dim; d0 += 64) {
-            const float* pr = pp + r * p_r + m0 * p_m;
-            float* a = acc + m0 * dim + d0;
-            switch (std::min<int64_t>(4, (dim - d0) / 16) * 8 + std::min<int64_t>(4, m_rows - m0)) {
-#define KVLAB_VALUES(KD, MR) \
-  case KD * 8 + MR: values_tokens<BITS, KD, MR>(vals, r, t0, t1, pr, p_m, width, d0, a, dim); break;
-              KVLAB_VALUES(1, 1) KVLAB_VALUES(1, 2) KVLAB_VALUES(1, 3) KVLAB_VALUES(1, 4)
-              KVLAB_VALUES(2, 1) KVLAB_VALUES(2, 2) KVLAB_VALUES(2, 3) KVLAB_VALUES(2, 4)
-              KVLAB_VALUES(3, 1) KVLAB_VALUES(3, 2) KVLAB_VALUES(3, 3) KVLAB_VALUES(3, 4)
-              KVLAB_VALUES(4, 1) KVLAB_VALUES(4, 2) KVLAB_VALUES(4, 3) KVLAB_VALUES(4, 4)
-#undef KVLAB_VALUES
-            }
-          }
+        kvlab::for_register_blocks(m_rows, dim, [&](auto kd, auto mr, int64_t m0, int64_t d0) {
+          values_tokens<BITS, decltype(kd)::value, decltype(mr)::value>(vals, r, t0, t1, pp + r * p_r + m0 * p_m,
+                                                                        p_m, width, d0, acc + m0 * dim + d0, dim);
+        });
         continue;
       }
 #endif

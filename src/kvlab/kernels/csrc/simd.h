@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -70,5 +71,24 @@ inline __m512 sum16(const __m512* v) {
   return fold(fold(quads[0], quads[1]), fold(quads[2], quads[3]));
 }
 #endif
+
+// f(KD, MR, m0, d0) for each block of <= 4 rows x <= 4 16-channel vectors of an [m_rows, dim] sum (dim a
+// multiple of 16), KD and MR as std::integral_constant: a kernel templated on them keeps a block's sums in
+// registers (the value loops of both decode-attention kernels).
+template <typename F>
+inline void for_register_blocks(int64_t m_rows, int64_t dim, F&& f) {
+  for (int64_t m0 = 0; m0 < m_rows; m0 += 4)
+    for (int64_t d0 = 0; d0 < dim; d0 += 64) {
+      switch (std::min<int64_t>(4, (dim - d0) / 16) * 8 + std::min<int64_t>(4, m_rows - m0)) {
+#define KVLAB_BLOCK(KD, MR) \
+  case KD * 8 + MR: f(std::integral_constant<int, KD>{}, std::integral_constant<int, MR>{}, m0, d0); break;
+        KVLAB_BLOCK(1, 1) KVLAB_BLOCK(1, 2) KVLAB_BLOCK(1, 3) KVLAB_BLOCK(1, 4)
+        KVLAB_BLOCK(2, 1) KVLAB_BLOCK(2, 2) KVLAB_BLOCK(2, 3) KVLAB_BLOCK(2, 4)
+        KVLAB_BLOCK(3, 1) KVLAB_BLOCK(3, 2) KVLAB_BLOCK(3, 3) KVLAB_BLOCK(3, 4)
+        KVLAB_BLOCK(4, 1) KVLAB_BLOCK(4, 2) KVLAB_BLOCK(4, 3) KVLAB_BLOCK(4, 4)
+#undef KVLAB_BLOCK
+      }
+    }
+}
 
 }  // namespace kvlab
