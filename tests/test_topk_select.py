@@ -45,6 +45,16 @@ def test_kernel_equals_the_torch_ops(batch, queries, n, topk, levels, seed):
     assert idx.shape == (batch, queries, min(topk, n)) and bool((idx.diff(dim=-1) > 0).all())
 
 
+@torch.no_grad()
+def test_nan_scores_read_as_minus_inf():
+    # a broken model's NaN scores: still k valid positions per row, as if the NaNs were -inf
+    scores = torch.tensor([[[1.0, float("nan"), 3.0, float("nan"), 2.0, -1.0]]])
+    visible = torch.tensor([[6]])
+    idx, _ = Indexer.select(Selector(5), scores, visible)
+    ref, _ = Indexer.select_reference(Selector(5), scores.nan_to_num(nan=float("-inf")), visible)
+    assert torch.equal(idx, ref) and idx.tolist() == [[[0, 1, 2, 4, 5]]]
+
+
 def test_strided_or_non_float32_scores_take_the_torch_ops(monkeypatch):
     calls = []
     monkeypatch.setattr(Selector, "select_reference", lambda self, s, v: calls.append(s.dtype) or (None, None))

@@ -12,7 +12,9 @@
 // CSA prefill selects from ~33M scores (benchmarks/v4_prefill.py).
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "simd.h"
@@ -28,8 +30,14 @@ torch::Tensor select_topk(const torch::Tensor& scores, int64_t k) {
   const int64_t s_r = scores.stride(0);
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> key(n);
+    std::vector<float> clean;  // a row with NaN scores, read as -inf (always k valid positions out)
     for (int64_t r = begin; r < end; ++r) {
       const float* row = sp + r * s_r;
+      if (std::any_of(row, row + n, [](float x) { return std::isnan(x); })) {
+        clean.assign(row, row + n);
+        for (float& x : clean) x = std::isnan(x) ? -std::numeric_limits<float>::infinity() : x;
+        row = clean.data();
+      }
       uint32_t lo = UINT32_MAX, hi = 0;
       for (int64_t i = 0; i < n; ++i) {  // float order as unsigned order: negatives flipped, sign bit set
         uint32_t bits;
