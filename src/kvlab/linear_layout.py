@@ -122,8 +122,9 @@ DECISIONS = "linear_decisions.json"  # in kernels.cache_dir(): gemv_pays' measur
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` through ``kernels.GEMV`` (``kernels/csrc/gemv.cpp``: up to 4 rows, one
-    sequential pass over the weight per thread; more, register tiles; float32 sums). ``weight [out, in]`` column-major (as ``fuse_`` stores it), float32 or
-    bfloat16; ``x [..., in]``; the result in ``x``'s dtype."""
+    sequential pass over the weight per thread; more, register tiles; float32 sums). ``weight [out, in]``
+    column-major (as ``fuse_`` stores it), float32 or bfloat16; ``x [..., in]``; the result in ``x``'s
+    dtype."""
     rows = _float32(x.reshape(-1, x.shape[-1]))  # [M, in]
     out = GEMV.module().linear(rows, weight.t(), NOTHING if bias is None else _float32(bias))
     out = out.view(*x.shape[:-1], -1)

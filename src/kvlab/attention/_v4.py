@@ -164,7 +164,8 @@ class Indexer(Compressor):
     def select(self, scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k entry indices ``[B, S, k]`` in position order, and their validity. Deterministic under
         ties: entries scoring above the k-th score are taken, then the earliest entries equal to it.
-        Through ``kernels.TOPK`` (a quickselect per row) where it applies, else ``select_reference``."""
+        Through ``kernels.TOPK`` (per row, a bisection on the scores' values) where it applies, else
+        ``select_reference``."""
         k = min(self.topk, scores.shape[-1])
         if scores.dtype == torch.float32 and scores.is_contiguous() and TOPK.usable(scores):
             idx = TOPK.module().select(scores.view(-1, scores.shape[-1]), k).view(*scores.shape[:-1], k)

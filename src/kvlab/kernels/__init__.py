@@ -7,8 +7,8 @@ tested against:
 - ``GEMV`` (``gemv.cpp``): the decode linear on a column-major weight (``linear_layout.gemv``): for up to 4
   rows each thread streams a contiguous range of the weight, for more (batched decode) register tiles of
   8 rows x 48 outputs; ``F.linear`` is its reference.
-- ``TOPK`` (``topk_select.cpp``): CSA's top-k selection per query (``Indexer.select``), a quickselect
-  per row; ``Indexer.select_reference`` (torch ops) is its reference.
+- ``TOPK`` (``topk_select.cpp``): CSA's top-k selection per query (``Indexer.select``), a bisection on
+  each row's values with vectorised counts; ``Indexer.select_reference`` (torch ops) is its reference.
 Why: at batch 1 a decode step is memory-bound, and on a 2-core EPYC torch's kernels read the cache (SDPA)
 and the weights (MKL, oneDNN) at 8-17 GB/s of the ~30 the machine has, and at batch 16 MKL and oneDNN
 computed SmolLM2's linears at 60-130 GFLOP/s of the ~180 its large matmuls reach
@@ -18,7 +18,8 @@ They are compiled with ``torch.utils.cpp_extension`` (gcc + ninja, ~30-40 s each
 cached in ``~/.cache/kvlab/kernels`` (or ``KVLAB_KERNEL_DIR``) under a name that includes the source, the
 flags and the CPU's model and flags, since ``-march=native`` code must not run on another CPU. Where a
 build fails (no compiler), the torch path runs and one warning says why. ``KVLAB_FLOAT_KERNEL=0``,
-``KVLAB_QUANT_KERNEL=0``, ``KVLAB_GEMV_KERNEL=0`` and ``KVLAB_TOPK_KERNEL=0`` turn a kernel off (the torch path, for comparisons).
+``KVLAB_QUANT_KERNEL=0``, ``KVLAB_GEMV_KERNEL=0`` and ``KVLAB_TOPK_KERNEL=0`` turn a kernel off (the torch
+path, for comparisons).
 """
 
 from __future__ import annotations
