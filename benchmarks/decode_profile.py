@@ -20,26 +20,49 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from kvlab.attention._common import decode_attention
+from kvlab.kernels import FLOAT, GEMV, QUANTIZED, TOPK
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 from _smollm2 import load_model  # noqa: E402
 from decode_bandwidth import cpu_flags, read_seconds  # noqa: E402
 
-MATMUL = ("aten::mm", "aten::addmm")
-ATTENTION = ("scaled_dot_product", "flash_attention")
+MATMUL = ("aten::mm", "aten::addmm", "kvlab::gemv")
+ATTENTION = ("scaled_dot_product", "flash_attention", "kvlab::float_attention", "kvlab::quantized_attention")
 
 
 def category(name: str) -> str:
-    if name in MATMUL:
+    if any(name.startswith(key) for key in MATMUL):
         return "matmul"
     if any(key in name for key in ATTENTION):
         return "attention"
     return "other"
+
+
+def label_kernels() -> None:
+    """Make kvlab's compiled kernels visible to ``torch.profiler``: a pybind function is no aten op, so each
+    is wrapped in a ``record_function`` named ``kvlab::<kernel>.<function>`` (this process only)."""
+    for kernel in (FLOAT, GEMV, QUANTIZED, TOPK):
+        module = kernel.module()
+        if module is None:
+            continue
+        names = [name for name in dir(module) if not name.startswith("_") and callable(getattr(module, name))]
+        kernel.built["module"] = SimpleNamespace(**{name: _labelled(f"kvlab::{kernel.name}.{name}",
+                                                                    getattr(module, name)) for name in names})
+
+
+def _labelled(label: str, fn):
+    def call(*args):
+        with record_function(label):
+            return fn(*args)
+    return call
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -106,6 +129,7 @@ def attention_kernels(kv_heads: int, group: int, head_dim: int, ctx: int, layers
             q.reshape(1, kv_heads * group, 1, head_dim), k, v, enable_gqa=True),
         "split": split,
         "matmul": lambda k, v: (q @ k.transpose(-1, -2) * head_dim ** -0.5).softmax(-1) @ v,
+        "kvlab kernel": lambda k, v: decode_attention(q.reshape(1, kv_heads * group, 1, head_dim), k, v, None, None),
     }
     check = F.scaled_dot_product_attention(q, ks[0], vs[0])
     assert torch.allclose(split(ks[0], vs[0]), check[0], atol=1e-5)
@@ -137,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         args.contexts, args.steps, args.rounds, args.name = [128], 3, 1, args.name + "_quick"
     torch.set_num_threads(args.threads)
     model = load_model(args.model).eval()
+    label_kernels()
     weights = weight_bytes(model)
     buffer = torch.ones(2**28)  # 1 GiB fp32
     rows = []
@@ -151,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
                "matmul_ms": mm * 1e3, "matmul_fraction_of_bandwidth": weights / mm / bandwidth,
                "attention_ms": attn * 1e3,
                "attention_fraction_of_bandwidth": got["cache_bytes"] / attn / bandwidth if attn else None,
-               "other_ops_ms": other * 1e3, "calls_per_step": got["calls"], "top_other_ops": got["top_other_ops"],
+               "other_ops_ms": other * 1e3, "outside_ops_ms": (step - mm - attn - other) * 1e3,
+               "calls_per_step": got["calls"], "top_other_ops": got["top_other_ops"],
                "ideal_step_ms": (weights + got["cache_bytes"]) / bandwidth * 1e3}
         attn = model.layers[0].self_attn
         row["attention_kernels_GBps"] = attention_kernels(attn.n_kv_heads, attn.n_heads // attn.n_kv_heads,
@@ -162,12 +188,14 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"# Where a batch-1 decode step goes ({args.model}, fp32, {args.threads} threads)", "",
              f"flags: {' '.join(machine_flags)}", "",
              "| context | step ms | ideal ms | fraction | matmul ms (of bandwidth) | attention ms (of bandwidth) "
-             "| other ops ms (calls) |", "|---" * 7 + "|"]
+             "| other ops ms (calls) | outside ops ms |", "|---" * 8 + "|"]
     for r in rows:
         attn_frac = r["attention_fraction_of_bandwidth"]
+        attn_frac = "-" if attn_frac is None else f"{attn_frac:.2f}"
         lines.append(f"| {r['context']} | {r['step_ms']:.1f} | {r['ideal_step_ms']:.1f} | {r['fraction_of_bandwidth']:.2f} "
                      f"| {r['matmul_ms']:.1f} ({r['matmul_fraction_of_bandwidth']:.2f}) "
-                     f"| {r['attention_ms']:.1f} ({attn_frac:.2f}) | {r['other_ops_ms']:.1f} ({r['calls_per_step']['other']:.0f}) |")
+                     f"| {r['attention_ms']:.1f} ({attn_frac}) | {r['other_ops_ms']:.1f} ({r['calls_per_step']['other']:.0f}) "
+                     f"| {r['outside_ops_ms']:.1f} |")
     top = ", ".join(f"{o['op']} {o['ms']:.2f} ms x {o['calls']:.0f}" for o in rows[-1]["top_other_ops"][:6])
     lines += ["", f"Largest other ops per step at {rows[-1]['context']}: {top}."]
     kernels = rows[-1]["attention_kernels_GBps"]
@@ -175,7 +203,9 @@ def main(argv: list[str] | None = None) -> None:
               + ", ".join(f"{name} {gbps:.1f}" for name, gbps in kernels.items()) + "."]
     lines += ["", "ideal: (weights + cache held) / read bandwidth (torch.sum over 1 GiB, same run). Op times are "
               f"the profiler's self CPU time per step over {args.steps} profiled steps (the profiler adds a little "
-              "to each op); step ms is the median un-profiled step. Command: `python benchmarks/decode_profile.py "
+              "to each op; kvlab's kernels, `kvlab::*`, are labelled with `record_function`: matmul counts "
+              "`kvlab::gemv`, attention the decode kernels); outside ops: step ms minus the op times (Python "
+              "between ops, negative where the profiler's overhead exceeds it); step ms is the median un-profiled step. Command: `python benchmarks/decode_profile.py "
               + " ".join(argv if argv is not None else sys.argv[1:]) + "`"]
     print("\n".join(lines))
     write_results(args.name, {"model": args.model, "threads": args.threads, "cpu_flags": machine_flags, "rows": rows},

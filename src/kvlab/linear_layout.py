@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvlab import kernels
-from kvlab.kernels import GEMV
+from kvlab.kernels import GEMV, NOTHING
 
 _GROUPS = "_fused_groups"  # module.__dict__ entry: names -> FusedGroup (not a parameter, not a buffer)
 
@@ -131,7 +131,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
-NOTHING = torch.empty(0)  # "no bias" / "no mask" for the C++ kernels (never written)
 
 
 def _float32(t: torch.Tensor) -> torch.Tensor:

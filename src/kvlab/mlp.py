@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvlab.kernels import decode_ops
 from kvlab.linear_layout import group_forward
 
 ACTIVATIONS = {
@@ -29,4 +30,9 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = group_forward(self, ("gate_proj", "up_proj"), x)
-        return group_forward(self, ("down_proj",), self.act(gate) * up)[0]
+        ops = decode_ops(gate.numel() // gate.shape[-1], gate, up) if self.act is F.silu else None
+        if ops is not None and gate.stride(-1) == 1 and up.stride(-1) == 1:  # a decode step: one call for two ops
+            hidden = ops.silu_mul(gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])).view(gate.shape)
+        else:
+            hidden = self.act(gate) * up
+        return group_forward(self, ("down_proj",), hidden)[0]

@@ -15,6 +15,7 @@ from torch import nn
 
 from kvlab.config import RopeConfig
 from kvlab.errors import ConfigError
+from kvlab.kernels import decode_ops
 
 
 def rope_frequencies(rope: RopeConfig, rot_dim: int) -> tuple[torch.Tensor, float]:
@@ -142,6 +143,10 @@ class Rotary(nn.Module):
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate the first ``rot_dim`` channels of ``x [B, H, S, D]``."""
+        if self.rot_dim == x.shape[-1] and not self.interleaved:
+            ops = decode_ops(x.shape[0] * x.shape[2], x, cos, sin)
+            if ops is not None and x.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1:
+                return ops.rope(x, cos, sin)  # a decode step: one call for the ~7 ops below (decode_ops.cpp)
         if self.rot_dim == x.shape[-1]:
             return x * cos + self.rotate(x) * sin
         rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim:]

@@ -9,6 +9,8 @@ tested against:
   8 rows x 48 outputs; ``F.linear`` is its reference.
 - ``TOPK`` (``topk_select.cpp``): CSA's top-k selection per query (``Indexer.select``), a bisection on
   each row's values with vectorised counts; ``Indexer.select_reference`` (torch ops) is its reference.
+- ``DECODE_OPS`` (``decode_ops.cpp``): a decode step's RMSNorm, RoPE and SiLU-times-up, one call each where
+  torch runs 2-7 small ops (``decode_ops`` says where; the torch ops beside each caller are the reference).
 Why: at batch 1 a decode step is memory-bound, and on a 2-core EPYC torch's kernels read the cache (SDPA)
 and the weights (MKL, oneDNN) at 8-17 GB/s of the ~30 the machine has, and at batch 16 MKL and oneDNN
 computed SmolLM2's linears at 60-130 GFLOP/s of the ~180 its large matmuls reach
@@ -18,8 +20,8 @@ They are compiled with ``torch.utils.cpp_extension`` (gcc + ninja, ~30-40 s each
 cached in ``~/.cache/kvlab/kernels`` (or ``KVLAB_KERNEL_DIR``) under a name that includes the source, the
 flags and the CPU's model and flags, since ``-march=native`` code must not run on another CPU. Where a
 build fails (no compiler), the torch path runs and one warning says why. ``KVLAB_FLOAT_KERNEL=0``,
-``KVLAB_QUANT_KERNEL=0``, ``KVLAB_GEMV_KERNEL=0`` and ``KVLAB_TOPK_KERNEL=0`` turn a kernel off (the torch
-path, for comparisons).
+``KVLAB_QUANT_KERNEL=0``, ``KVLAB_GEMV_KERNEL=0``, ``KVLAB_TOPK_KERNEL=0`` and ``KVLAB_DECODE_OPS_KERNEL=0``
+turn a kernel off (the torch path, for comparisons).
 """
 
 from __future__ import annotations
@@ -99,6 +101,21 @@ QUANTIZED = Kernel("quantized_attention", "KVLAB_QUANT_KERNEL", "quantized-KV de
 FLOAT = Kernel("float_attention", "KVLAB_FLOAT_KERNEL", "float decode-attention kernel")
 GEMV = Kernel("gemv", "KVLAB_GEMV_KERNEL", "one-token linear kernel")
 TOPK = Kernel("topk_select", "KVLAB_TOPK_KERNEL", "top-k selection kernel")
+DECODE_OPS = Kernel("decode_ops", "KVLAB_DECODE_OPS_KERNEL", "decode elementwise kernels")
+NOTHING = torch.empty(0)  # "no bias" / "no weight" for the C++ kernels (never written)
+DECODE_OPS_MAX_ROWS = 64  # a decode step's rows (batch x 1 token); prefill's keep torch's threaded ops
+
+
+def decode_ops(rows: int, *tensors: torch.Tensor):
+    """``DECODE_OPS``' module where it may take this call, else None (the torch ops): at most
+    ``DECODE_OPS_MAX_ROWS`` rows, float32 tensors on the CPU, nothing to differentiate, no ``torch.compile``
+    trace (inductor fuses these ops itself)."""
+    if rows > DECODE_OPS_MAX_ROWS or torch.compiler.is_compiling():
+        return None
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad and torch.is_grad_enabled():
+            return None
+    return DECODE_OPS.module()
 
 
 def cache_dir() -> Path:

@@ -29,7 +29,14 @@ using kvlab::load16;
 using kvlab::sum16;
 #endif
 
-constexpr int64_t BLOCK = 1024;  // tokens per work item: rows x blocks keep both threads busy at batch 1
+// Tokens per work item: at most BLOCK, at least MIN_BLOCK, else as many as give each thread ~8 items, so
+// both threads are busy (and evenly) at batch 1 and short contexts too (3 rows of one 1,024-token block at
+// 512 tokens left one thread with two of them).
+constexpr int64_t BLOCK = 1024, MIN_BLOCK = 128;
+#ifndef KVLAB_AHEAD
+#define KVLAB_AHEAD 32
+#endif
+constexpr int64_t AHEAD = KVLAB_AHEAD;  // tokens: keys and values are prefetched this far ahead of their loops
 
 struct Strided {  // a [R, T, W] tensor as a pointer and hoisted strides (Tensor::stride() is a call)
   const void* data;
@@ -45,6 +52,8 @@ template <typename T, int KD>
 void score_tiles(const float* q, int64_t q_m, int64_t m_rows, const Strided& k, int64_t row, int64_t t0,
                  int64_t t1, float scale, float* scores, int64_t width, int64_t t_begin) {  // t1 - t0: 16s
   for (int64_t t = t0; t < t1; t += 16) {
+    if (t + AHEAD + 16 <= t1)
+      for (int j = 0; j < 16; ++j) kvlab::prefetch(k.at<T>(row, t + AHEAD + j), KD * 16 * sizeof(T));
     for (int64_t m = 0; m < m_rows; ++m) {
       const float* qm = q + m * q_m;
       __m512 qv[KD <= 8 ? KD : 1], acc[16];
@@ -119,6 +128,7 @@ void value_tile(const float* p, int64_t width, int64_t dv, int64_t d0, const Str
     for (int c = 0; c < KD; ++c) a[m][c] = _mm512_loadu_ps(acc + m * dv + d0 + 16 * c);
   for (int64_t t = t0; t < t1; ++t) {
     const T* vt = v.at<T>(row, t) + d0;
+    if (t + AHEAD < t1) kvlab::prefetch(v.at<T>(row, t + AHEAD) + d0, KD * 16 * sizeof(T));
     __m512 x[KD];
 #pragma GCC unroll 4
     for (int c = 0; c < KD; ++c) x[c] = load16(vt + 16 * c);
@@ -165,7 +175,9 @@ template <typename T>
 torch::Tensor attend_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                           const torch::Tensor& mask, double scale) {
   const int64_t rows = q.size(0), m_rows = q.size(1), dim = q.size(2), tokens = k.size(1), dv = v.size(2);
-  const int64_t blocks = std::max<int64_t>(1, (tokens + BLOCK - 1) / BLOCK);
+  const int64_t per_row = std::max<int64_t>(1, (8 * at::get_num_threads() + rows - 1) / rows);
+  const int64_t block = std::clamp<int64_t>(((tokens + per_row - 1) / per_row + 15) / 16 * 16, MIN_BLOCK, BLOCK);
+  const int64_t blocks = std::max<int64_t>(1, (tokens + block - 1) / block);
   // per (row, block): unnormalised output [M, Dv], running max [M] and sum [M], merged after
   auto partial = torch::empty({rows, blocks, m_rows, dv + 2}, q.options());
   const Strided ks{k.data_ptr(), k.stride(0), k.stride(1)}, vs{v.data_ptr(), v.stride(0), v.stride(1)};
@@ -176,9 +188,9 @@ torch::Tensor attend_impl(const torch::Tensor& q, const torch::Tensor& k, const 
   const int64_t mask_t = mp ? mask.stride(1) : 0;
   float* out = partial.data_ptr<float>();
   at::parallel_for(0, rows * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(m_rows * BLOCK), acc(m_rows * dv);
+    std::vector<float> scores(m_rows * block), acc(m_rows * dv);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / blocks, t0 = (item % blocks) * BLOCK, t1 = std::min(tokens, t0 + BLOCK);
+      const int64_t r = item / blocks, t0 = (item % blocks) * block, t1 = std::min(tokens, t0 + block);
       const int64_t width = t1 - t0;
       const bool* mr = mp ? mp + (r / per_mask_row) * mask_b : nullptr;
       block_scores<T>(qp + r * q_r, q_m, m_rows, dim, ks, r, t0, t1, mr, mask_t, static_cast<float>(scale),

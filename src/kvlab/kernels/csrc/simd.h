@@ -55,6 +55,12 @@ inline __m512 load16(const c10::BFloat16* p, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// Ask for the cache lines of [p, p + bytes) in L1 ahead of a loop that streams them (the hardware prefetcher
+// alone left the float decode kernel at ~0.73 of the read bandwidth on a 2-core Xeon). Never faults.
+inline void prefetch(const void* p, int64_t bytes) {
+  for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(static_cast<const char*>(p) + at, _MM_HINT_T0);
+}
+
 // Lane j of the result = the sum of v[j]'s 16 lanes, for 16 vectors: a transpose-and-add tree (45
 // shuffles and adds for 16 dot products, where 16 separate horizontal sums take ~3x as many).
 inline __m512 sum16(const __m512* v) {
