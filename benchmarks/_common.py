@@ -45,8 +45,13 @@ def command_line(script: str, argv: list[str] | None) -> str:
 
 
 def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
-    """Write ``results/<name>.json`` (data + machine info) and ``results/<name>.md``."""
+    """Write ``results/<name>.json`` (data + machine info) and ``results/<name>.md``. ``KVLAB_RESULTS_SUFFIX``
+    (e.g. ``_xeon``) is appended to the name: another machine's run kept beside this one's."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = os.environ.get("KVLAB_RESULTS_SUFFIX", "")
+    if suffix and not all(c.isalnum() or c in "_-." for c in suffix):
+        raise SystemExit(f"KVLAB_RESULTS_SUFFIX: letters, digits, '_', '-' and '.' only, got {suffix!r}")
+    name += suffix
     info = machine_info()
     json_path, md_path = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
     json_path.write_text(json.dumps({"machine": info, **data}, indent=2) + "\n")

@@ -118,3 +118,49 @@ def test_the_kernel_built_without_avx512_equals_sdpa(monkeypatch):
                 tol = 1e-5 if dtype == torch.float32 else 1e-2
                 torch.testing.assert_close(decode_attention(q, k, v, mask, None).float(),
                                            reference(q, k, v, mask, None), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("layers", [
+    [{"type": "full", "n_heads": 4, "n_kv_heads": 2, "qkv_bias": True}, {"type": "full", "n_heads": 4, "n_kv_heads": 1}],
+    [{"type": "full", "n_heads": 4, "n_kv_heads": 4, "output_gate": "head"},  # MHA, gated output, a consumer
+     {"type": "full", "n_heads": 4, "n_kv_heads": 2}, {"type": "full", "n_heads": 4, "n_kv_heads": 2, "kv_from": 1}],
+])
+@pytest.mark.parametrize("batch", [1, 3])
+@torch.no_grad()
+def test_fused_decode_step_equals_the_general_path(layers, batch):
+    """``FullAttention.decode_step`` (RoPE, the cache write and attention in one kernel call) gives the general
+    path's logits step after step, across the cache's growth past its first 256-token chunk, and leaves the
+    same cache; a left-padded batch needs a mask and keeps the general path."""
+    from helpers import build, tiny_config
+
+    model = build(tiny_config(layers)).eval()
+    fused = [layer.self_attn for layer in model.layers if layer.self_attn.fused_decode]
+    assert fused, "no layer takes the fused step"
+    ids = torch.randint(1, 97, (batch, 250), generator=torch.Generator().manual_seed(batch))
+    caches, logits = {}, {}
+    for flag in (True, False):
+        for attn in fused:
+            attn.fused_decode = flag
+        cache = model.new_cache(batch)
+        model(ids, cache=cache)
+        steps = [model(torch.full((batch, 1), 3 + i), cache=cache) for i in range(10)]  # crosses 256 slots
+        caches[flag], logits[flag] = cache, torch.cat(steps, dim=1)
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
+    for fused_layer, plain_layer in zip(caches[True].layers, caches[False].layers):
+        for a, b in zip(fused_layer.live_tensors(), plain_layer.live_tensors()):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    for attn in fused:
+        attn.fused_decode = True
+    real, calls = FLOAT.module(), []
+    spy = type("Spy", (), {"attend": staticmethod(real.attend),
+                           "decode_step": staticmethod(lambda *a: calls.append(1) or real.decode_step(*a))})()
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    for attention_mask, expected in ((None, len(fused)), (mask, 0)):  # padding needs a mask: the general path
+        cache = model.new_cache(batch)
+        model(ids, cache=cache, attention_mask=attention_mask)
+        calls.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(FLOAT.built, "module", spy)
+            model(torch.full((batch, 1), 3), cache=cache)
+        assert len(calls) == expected

@@ -19,6 +19,7 @@ from kvlab.cache.base import CacheLayer, GrowingBuffer
 from kvlab.cache.quantized import QuantizedKVCacheLayer, quantized_kv_bytes
 from kvlab.config import LayerSpec
 from kvlab.config_options import BASE_OPTIONS
+from kvlab.kernels import FLOAT
 from kvlab.linear_layout import group_forward
 from kvlab.norms import RMSNorm
 from kvlab.registry import register_module, register_spec
@@ -66,6 +67,7 @@ class KVCacheLayer(CacheLayer):
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device=None):
         super().__init__()
+        self.dtype = dtype
         self.buffers["k"] = GrowingBuffer((batch, kv_heads, 0, head_dim), 2, dtype, device)
         self.buffers["v"] = GrowingBuffer((batch, kv_heads, 0, head_dim), 2, dtype, device)
 
@@ -76,6 +78,13 @@ class KVCacheLayer(CacheLayer):
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.buffers["k"].view(), self.buffers["v"].view()
+
+    def claim_slot(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Room for one more token, counted as held: the K and V buffers ``[B, Hkv, capacity, D]`` and the
+        slot the caller must write (``FullAttention.decode_step`` does, in its kernel)."""
+        self.length += 1
+        (k, slot), (v, _) = self.buffers["k"].claim(1), self.buffers["v"].claim(1)
+        return k, v, slot
 
 
 def causal_mask(ctx: ForwardContext, kv_len: int, device) -> torch.Tensor | None:
@@ -125,6 +134,11 @@ class FullAttention(nn.Module):
         self.scale = spec.softmax_scale
         # a kv_from consumer reads this layer's keys and values as tensors: then decode cannot read codes
         self.has_consumers = any(cfg.layer(j).kv_from == layer_idx for j in range(cfg.n_layers))
+        # decode_step applies: nothing between the projections and attention differs from the plain path
+        plain = all(getattr(type(self), name) is getattr(FullAttention, name)
+                    for name in ("project", "keys_values", "attend"))
+        self.fused_decode = (plain and self.owns_kv and not spec.k_eq_v and not spec.qk_norm and not spec.v_norm
+                             and self.rotary.rot_dim == hd and not self.rotary.interleaved)
 
     def new_cache_layer(self, batch: int, dtype: torch.dtype, device, built: list[CacheLayer]) -> CacheLayer:
         shared = shared_cache_layer(self.spec, built)
@@ -138,6 +152,9 @@ class FullAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cache: CacheLayer | None) -> torch.Tensor:
         batch, seq, _ = x.shape
+        out = self.decode_step(x, ctx, cache) if seq == 1 and self.fused_decode else None
+        if out is not None:
+            return group_forward(self, ("o_proj",), apply_output_gate(self.g_proj, x, out, self.n_heads))[0]
         q, k, v = self.project(x, ctx)
         if seq == 1 and isinstance(cache, QuantizedKVCacheLayer) and not self.has_consumers:
             out = self.attend_codes(q, k, v, ctx, cache)
@@ -151,6 +168,27 @@ class FullAttention(nn.Module):
             out = attend_in_blocks(lambda *qkvm: self.attend(*qkvm, ctx), q, k, v, mask)
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
         return group_forward(self, ("o_proj",), apply_output_gate(self.g_proj, x, out, self.n_heads))[0]
+
+    def decode_step(self, x: torch.Tensor, ctx: ForwardContext, cache: CacheLayer | None) -> torch.Tensor | None:
+        """One token per row, ``x [B, 1, d]``, through ``FLOAT``'s ``decode_step`` (``float_attention.cpp``):
+        RoPE, the cache write and attention in one call, ``[B, 1, H*D]``. None where it does not apply (then
+        the general path below, its reference, runs): a plain float32 CPU cache, no mask needed (no padding),
+        nothing to differentiate, no ``torch.compile`` trace."""
+        if (type(cache) is not KVCacheLayer or cache.dtype != torch.float32 or x.dtype != torch.float32
+                or torch.is_grad_enabled() or torch.compiler.is_compiling() or ctx.needs_mask(cache.length + 1)
+                or not FLOAT.usable(x)):
+            return None
+        batch = x.shape[0]
+        q, k, v = group_forward(self, self.QKV, x)  # [B, 1, H*D], [B, 1, Hkv*D] x 2: views of one output
+        cos, sin = ctx.cos_sin(self.rotary, x.dtype)  # [B|1, 1, 1, D]
+        k_buf, v_buf, slot = cache.claim_slot()  # [B, Hkv, capacity, D] each
+        scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+        out = FLOAT.module().decode_step(q.view(batch, -1), k.view(batch, -1), v.view(batch, -1),
+                                         cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1),
+                                         k_buf, v_buf, slot, scale)  # [B*Hkv, G, D]
+        if self.has_consumers:  # kv_from layers attend to the same keys (no mask: none is needed)
+            ctx.shared[self.layer_idx] = (*cache.read(), None)
+        return out.view(batch, 1, self.n_heads * self.head_dim)
 
     def project(self, x: torch.Tensor, ctx: ForwardContext):
         """Rotated ``q [B, H, S, D]`` and, for a producer, rotated ``k`` and ``v [B, Hkv, S, D]``."""

@@ -58,6 +58,14 @@ class GrowingBuffer:
         self.length += n
         return self.view()
 
+    def claim(self, n: int) -> tuple[torch.Tensor, int]:
+        """Room for ``n`` more tokens, counted as held: the whole buffer ``data`` and the first claimed
+        index along ``time_dim``, for a caller that writes them itself (a fused decode kernel)."""
+        if self.length + n > self.capacity:
+            self.reserve(max(self.length + n, int(self.capacity * 1.5)))
+        self.length += n
+        return self.data, self.length - n
+
     def view(self) -> torch.Tensor:
         if self.data is None:
             return self._alloc(0)

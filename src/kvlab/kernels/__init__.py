@@ -1,7 +1,8 @@
 """Compiled CPU decode kernels (``csrc/*.cpp``), built on first use, each beside the torch reference it is
 tested against:
 - ``FLOAT`` (``float_attention.cpp``): one-query decode attention over a float32 / bfloat16 cache in one
-  pass (flash-decoding over token blocks); ``grouped_sdpa`` runs it instead of SDPA where it applies.
+  pass (flash-decoding over token blocks); ``grouped_sdpa`` runs it instead of SDPA where it applies, and
+  ``FullAttention.decode_step`` its ``decode_step`` (RoPE, the cache write and attention in one call).
 - ``QUANTIZED`` (``quantized_attention.cpp``): ``QuantizedKVCacheLayer.attend`` over the int8/int4 codes,
   dequantized in registers; the torch ops in ``quantized.py`` and ``attend_reference`` are its references.
 - ``GEMV`` (``gemv.cpp``): the decode linear on a column-major weight (``linear_layout.gemv``): for up to 4

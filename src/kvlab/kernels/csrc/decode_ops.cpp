@@ -62,7 +62,7 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch
   check_channels(sin, "rope: sin");
   TORCH_CHECK(x.dim() == 4 && cos.dim() == 4 && sin.sizes() == cos.sizes() && sin.strides() == cos.strides(),
               "rope: x [B, H, S, D], cos and sin [B|1, 1, S, D] alike");
-  const int64_t batch = x.size(0), heads = x.size(1), seq = x.size(2), dim = x.size(3), half = dim / 2;
+  const int64_t batch = x.size(0), heads = x.size(1), seq = x.size(2), dim = x.size(3);
   TORCH_CHECK(dim % 2 == 0 && cos.size(3) == dim && cos.size(2) == seq && cos.size(1) == 1 &&
               (cos.size(0) == batch || cos.size(0) == 1), "rope: shapes");
   auto out = torch::empty({batch, heads, seq, dim}, x.options());
@@ -73,17 +73,9 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch
   const int64_t cb = cos.size(0) == 1 ? 0 : cos.stride(0), cs = cos.stride(2);
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t h = 0; h < heads; ++h)
-      for (int64_t s = 0; s < seq; ++s) {
-        const float* src = xp + b * x.stride(0) + h * x.stride(1) + s * x.stride(2);
-        const float* c = cp + b * cb + s * cs;
-        const float* n = sp + b * cb + s * cs;
-        float* dst = op + ((b * heads + h) * seq + s) * dim;
-#pragma omp simd
-        for (int64_t i = 0; i < half; ++i) {
-          dst[i] = src[i] * c[i] + (-src[i + half]) * n[i];
-          dst[i + half] = src[i + half] * c[i + half] + src[i] * n[i + half];
-        }
-      }
+      for (int64_t s = 0; s < seq; ++s)
+        kvlab::rope_row(xp + b * x.stride(0) + h * x.stride(1) + s * x.stride(2), cp + b * cb + s * cs,
+                        sp + b * cb + s * cs, op + ((b * heads + h) * seq + s) * dim, dim);
   return out;
 }
 

@@ -42,6 +42,18 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// RoPE of one head: dst = x * cos + rotate_half(x) * sin, half-split pairs (a, b) = (x[i], x[i + dim / 2])
+// over all dim channels -> (a cos - b sin, b cos + a sin). The decode kernels' rotation (kvlab.rope.Rotary
+// is the reference).
+inline void rope_row(const float* x, const float* cos, const float* sin, float* dst, int64_t dim) {
+  const int64_t half = dim / 2;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    dst[i] = x[i] * cos[i] + (-x[i + half]) * sin[i];
+    dst[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
+  }
+}
+
 #ifdef __AVX512F__
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
