@@ -143,7 +143,7 @@ class Rotary(nn.Module):
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate the first ``rot_dim`` channels of ``x [B, H, S, D]``."""
-        if self.rot_dim == x.shape[-1] and not self.interleaved:
+        if self.rot_dim == x.shape[-1] and not self.interleaved and x.dim() == cos.dim() == 4:
             ops = decode_ops(x.shape[0] * x.shape[2], x, cos, sin)
             if ops is not None and x.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1:
                 return ops.rope(x, cos, sin)  # a decode step: one call for the ~7 ops below (decode_ops.cpp)

@@ -52,19 +52,21 @@ class GrowingBuffer:
         """Write ``x`` (its ``time_dim`` holds the new tokens) after the current ones; return the view
         of everything held."""
         n = x.shape[self.time_dim]
-        if self.length + n > self.capacity:
-            self.reserve(max(self.length + n, int(self.capacity * 1.5)))
-        self.data.narrow(self.time_dim, self.length, n).copy_(x)
+        self._make_room(n)
+        self.data.narrow(self.time_dim, self.length, n).copy_(x)  # a failed write leaves the length as it was
         self.length += n
         return self.view()
 
     def claim(self, n: int) -> tuple[torch.Tensor, int]:
         """Room for ``n`` more tokens, counted as held: the whole buffer ``data`` and the first claimed
         index along ``time_dim``, for a caller that writes them itself (a fused decode kernel)."""
-        if self.length + n > self.capacity:
-            self.reserve(max(self.length + n, int(self.capacity * 1.5)))
+        self._make_room(n)
         self.length += n
         return self.data, self.length - n
+
+    def _make_room(self, n: int) -> None:
+        if self.length + n > self.capacity:
+            self.reserve(max(self.length + n, int(self.capacity * 1.5)))
 
     def view(self) -> torch.Tensor:
         if self.data is None:
