@@ -67,7 +67,6 @@ class KVCacheLayer(CacheLayer):
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device=None):
         super().__init__()
-        self.dtype = dtype
         self.buffers["k"] = GrowingBuffer((batch, kv_heads, 0, head_dim), 2, dtype, device)
         self.buffers["v"] = GrowingBuffer((batch, kv_heads, 0, head_dim), 2, dtype, device)
 
@@ -78,6 +77,10 @@ class KVCacheLayer(CacheLayer):
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.buffers["k"].view(), self.buffers["v"].view()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.buffers["k"].dtype
 
     def claim_slot(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Room for one more token, counted as held: the K and V buffers ``[B, Hkv, capacity, D]`` and the

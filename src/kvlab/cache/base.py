@@ -36,6 +36,10 @@ class GrowingBuffer:
         return torch.empty(shape, dtype=self._dtype, device=self._device)
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
     def capacity(self) -> int:
         return 0 if self.data is None else self.data.shape[self.time_dim]
 
